@@ -1,0 +1,41 @@
+# Two commands do all the set-up:  `make train` (a short CPU-sized training run on the shipped sample)
+# and `make test`. Each creates .venv and installs what is missing.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.protmask-installed
+# A CPU-only machine should get PyTorch's CPU build. Where `pip install torch==2.13.0` does not find one
+# locally, point TORCH_INDEX at https://download.pytorch.org/whl/cpu.
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
+# The demo run: small enough for a 2-core CPU in a few minutes, still a usable model in runs/demo/final.
+TRAIN_ARGS ?= --hidden_dim 64 --num_encoder_layers 2 --num_decoder_layers 2 --num_neighbors 16 \
+	--epochs 8 --max_length 192 --max_tokens_per_batch 2048 --learning_rate 2e-3 --warmup_steps 10 \
+	--num_workers 0 --eval_steps 40 --save_dir runs/demo
+
+.PHONY: train test install clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PY) -m pip install -q "torch>=2.4"; \
+	elif [ -n "$(TORCH_INDEX)" ]; then \
+		$(PY) -m pip install -q torch==$(TORCH_VERSION) --index-url $(TORCH_INDEX); \
+	else \
+		$(PY) -m pip install -q torch==$(TORCH_VERSION); \
+	fi
+	$(PY) -m pip install -q -e ".[test,plot,tensorboard]"
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) train_accelerate.py $(TRAIN_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs cache *.egg-info

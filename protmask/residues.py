@@ -1,0 +1,42 @@
+"""The amino-acid alphabet, three-letter to one-letter mapping (modified residues to their parent) and
+backbone atom order."""
+
+from Bio.Data.PDBData import protein_letters_3to1_extended
+
+#: The 20 standard amino acids in one-letter code, in the order the tokenizer numbers them.
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+#: Any residue that is an amino acid but not one of the 20 (D-amino acids, unknown, unmapped modifications).
+UNKNOWN_RESIDUE = "X"
+#: Backbone atoms stored per residue, in this order (``coords[:, i]``).
+BACKBONE_ATOMS = ("N", "CA", "C", "O")
+
+# D-amino acids (PDB chemical component codes). Biopython's extended table has no entry for them and
+# `is_aa()` recognises only glycine in an all-D protein, so they would vanish from the sequence; we keep
+# them as X so the chain is not silently shortened.
+D_AMINO_ACIDS = frozenset(
+    "DAL DAR DSG DAS DCY DGN DGL DHI DIL DLE DLY MED DPN DPR DSN DTH DTR DTY DVA DNE DAB DBB DSE "
+    "DCS DBZ DPL DMH ZAL".split()
+)
+
+WATER_NAMES = frozenset({"HOH", "WAT", "DOD", "H2O", "TIP", "TIP3", "SOL"})
+
+
+def one_letter(resname: str, atom_names=()) -> str | None:
+    """One-letter code of a residue, or None when it is not an amino acid.
+
+    Standard and modified residues map through Biopython's extended table (MSE→M, SEP→S, ...); D-amino
+    acids, UNK and any other residue that carries an N-CA-C backbone map to X. Waters, ligands and
+    nucleotides return None.
+    """
+    name = resname.strip().upper()
+    if name in WATER_NAMES:
+        return None
+    letter = protein_letters_3to1_extended.get(name)
+    if letter is not None:
+        return letter if letter in AMINO_ACIDS else UNKNOWN_RESIDUE
+    if name in D_AMINO_ACIDS or name == "UNK":
+        return UNKNOWN_RESIDUE
+    names = set(atom_names)
+    if {"N", "CA", "C"} <= names:
+        return UNKNOWN_RESIDUE
+    return None
