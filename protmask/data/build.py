@@ -1,0 +1,493 @@
+"""Structure files → an Arrow ``DatasetDict`` (train / validation / test) cached on disk, built in parallel,
+fingerprinted by its inputs and options, with a report that accounts for every file."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..structure import StructureError, is_structure_file, parse_structure
+
+#: Bump when the row layout or the parsing rules change, so that old caches are rebuilt.
+BUILD_FORMAT_VERSION = 1
+REPORT_NAME = "build_report.json"
+SPLITS = ("train", "validation", "test")
+LIST_SUFFIXES = (".txt", ".list", ".lst")
+
+
+class DatasetBuildError(ValueError):
+    """The inputs cannot make a dataset; the message says which path or option and what to do."""
+
+
+@dataclass
+class BuildOptions:
+    """What decides the content of a built dataset (all of it enters the cache fingerprint)."""
+
+    min_length: int = 20
+    max_resolution: float | None = None
+    max_unknown_fraction: float = 0.5
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    cluster_file: str | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.min_length < 1:
+            raise DatasetBuildError(f"--min_length must be at least 1, got {self.min_length}")
+        if self.max_resolution is not None and self.max_resolution <= 0:
+            raise DatasetBuildError(f"--max_resolution must be positive (Å), got {self.max_resolution}")
+        if not 0.0 <= self.max_unknown_fraction <= 1.0:
+            raise DatasetBuildError(f"--max_unknown_fraction must be in [0, 1], got {self.max_unknown_fraction}")
+        for name in ("validation_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise DatasetBuildError(f"--{name} must be in [0, 1), got {value}")
+        if self.validation_fraction + self.test_fraction >= 1.0:
+            raise DatasetBuildError("--validation_fraction + --test_fraction must leave some data for training (sum < 1)")
+        if self.cluster_file is not None and not Path(self.cluster_file).is_file():
+            raise DatasetBuildError(f"--cluster_file {self.cluster_file} does not exist; give a TSV of chain → cluster id")
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    dataset: object  # datasets.DatasetDict
+    report: dict
+    reused: bool = False
+    notes: list = field(default_factory=list)
+
+
+def dataset_features():
+    from datasets import Features, List, Value
+
+    # Per-residue arrays are flat lists: coords holds L×4×3 float32 values. Nested list features read about
+    # 200x slower in `datasets` 5; a flat list reads as one numpy array per row.
+    return Features(
+        {
+            "name": Value("string"),
+            "source": Value("string"),
+            "chain_ids": List(Value("string")),
+            "chain_lengths": List(Value("int32")),
+            "sequence": Value("string"),
+            "coords": List(Value("float32")),
+            "residue_numbers": List(Value("int32")),
+            "insertion_codes": Value("string"),
+            "method": Value("string"),
+            "resolution": Value("float32"),
+            "length": Value("int32"),
+            "num_valid": Value("int32"),
+        }
+    )
+
+
+def is_built_dataset(path) -> bool:
+    return (Path(path) / "dataset_dict.json").is_file()
+
+
+def find_structure_files(pdb_path) -> tuple[list[Path], Path]:
+    """The structure files a ``--pdb_path`` names, and the folder their names are made relative to.
+
+    Accepts a folder (searched recursively), one structure file, or a text file listing paths one a line
+    (relative paths are read from the list file's folder). Fails before any work when nothing is there.
+    """
+    paths = [Path(p) for p in ([pdb_path] if isinstance(pdb_path, (str, os.PathLike)) else pdb_path)]
+    files, roots = [], []
+    for path in paths:
+        if not path.exists():
+            raise DatasetBuildError(f"--pdb_path {path} does not exist; give a folder of PDB/mmCIF files, a file, or a list file")
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_structure_file(p))
+            if not found:
+                raise DatasetBuildError(
+                    f"--pdb_path {path} holds no structure files (*.pdb, *.ent, *.cif, *.mmcif, optionally .gz)"
+                )
+            files += found
+            roots.append(path)
+        elif is_structure_file(path):
+            files.append(path)
+            roots.append(path.parent)
+        elif path.name.lower().endswith(LIST_SUFFIXES):
+            listed = []
+            for line in path.read_text().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    item = Path(line)
+                    listed.append(item if item.is_absolute() else path.parent / item)
+            if not listed:
+                raise DatasetBuildError(f"--pdb_path {path} is a list file with no paths in it")
+            files += listed
+            roots.append(path.parent)
+        else:
+            raise DatasetBuildError(
+                f"--pdb_path {path} is neither a folder, a structure file, a list file ({', '.join(LIST_SUFFIXES)}) "
+                "nor a built dataset"
+            )
+    root = Path(os.path.commonpath([str(r.resolve()) for r in roots])) if roots else Path(".")
+    unique = list(dict.fromkeys(p.resolve() for p in files))
+    return unique, root
+
+
+def entry_name(path: Path, root: Path) -> str:
+    try:
+        rel = path.relative_to(root).as_posix()
+    except ValueError:
+        rel = path.name
+    lower = rel.lower()
+    if lower.endswith(".gz"):
+        rel, lower = rel[:-3], lower[:-3]
+    return rel.rsplit(".", 1)[0] if "." in Path(rel).name else rel
+
+
+def fingerprint(files: list[Path], options: BuildOptions) -> str:
+    """A hash of every input file's path, size and modification time, the options and the format version."""
+    import Bio
+
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"format": BUILD_FORMAT_VERSION, "biopython": Bio.__version__, "options": asdict(options)},
+                             sort_keys=True).encode())
+    if options.cluster_file:
+        digest.update(Path(options.cluster_file).read_bytes())
+    for path in files:
+        try:
+            stat = path.stat()
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}\0missing\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _parse_one(path: str):
+    """Worker: parse one file; every failure comes back as data, never as an exception."""
+    try:
+        return path, parse_structure(path), None
+    except StructureError as error:
+        return path, None, error.reason
+    except Exception as error:  # a Biopython or I/O failure we did not foresee still must not stop the build
+        return path, None, f"{type(error).__name__}: {error}"
+
+
+def _filter_chains(chains, options: BuildOptions):
+    kept, dropped = [], []
+    for chain in chains:
+        complete = int(chain.backbone_complete.sum())
+        unknown = chain.sequence.count("X") / len(chain.sequence)
+        if complete == 0:
+            reason = "no residue with a complete N, CA, C, O backbone (CA-only or partial model)"
+        elif complete < options.min_length:
+            reason = f"fewer than {options.min_length} residues with a complete backbone ({complete})"
+        elif unknown > options.max_unknown_fraction:
+            reason = f"{unknown:.0%} of residues are unknown (X), over --max_unknown_fraction {options.max_unknown_fraction}"
+        else:
+            kept.append(chain)
+            continue
+        dropped.append((chain, reason))
+    return kept, dropped
+
+
+def _row(name: str, source: str, chains) -> dict:
+    coords = np.concatenate([c.coords for c in chains]).astype(np.float32)
+    return {
+        "name": name,
+        "source": source,
+        "chain_ids": [c.chain_id for c in chains],
+        "chain_lengths": [len(c) for c in chains],
+        "sequence": "".join(c.sequence for c in chains),
+        "coords": coords.reshape(-1),
+        "residue_numbers": np.concatenate([c.residue_numbers for c in chains]).astype(np.int32),
+        "insertion_codes": "".join(c.insertion_codes for c in chains),
+        "method": chains[0].method,
+        "resolution": chains[0].resolution,
+        "length": int(coords.shape[0]),
+        "num_valid": int(np.isfinite(coords).all(axis=(1, 2)).sum()),
+    }
+
+
+def read_cluster_file(path) -> dict[str, str]:
+    """Chain → cluster id, from a two-column TSV (``1abc_A<TAB>cluster``) or ProteinMPNN's ``list.csv``."""
+    text = Path(path).read_text()
+    dialect = "excel-tab" if "\t" in text.splitlines()[0] else "excel"
+    rows = list(csv.reader(text.splitlines(), dialect=dialect))
+    if not rows:
+        raise DatasetBuildError(f"--cluster_file {path} is empty")
+    header = [h.strip().upper() for h in rows[0]]
+    if "CHAINID" in header and "CLUSTER" in header:
+        key_col, cluster_col, rows = header.index("CHAINID"), header.index("CLUSTER"), rows[1:]
+    else:
+        key_col, cluster_col = 0, 1
+    mapping = {}
+    for number, row in enumerate(rows, 1):
+        if not row or row[0].startswith("#"):
+            continue
+        if len(row) <= max(key_col, cluster_col):
+            raise DatasetBuildError(f"--cluster_file {path}, line {number}: expected 'entry_chain<TAB>cluster', got {row}")
+        key = row[key_col].strip().replace(":", "_")
+        entry, _, chain = key.rpartition("_")
+        mapping[f"{entry.lower()}_{chain}"] = row[cluster_col].strip()
+    return mapping
+
+
+def assign_splits(groups: list[list[str]], options: BuildOptions, clusters: dict | None = None):
+    """Split entries so that entries sharing a chain sequence (or a cluster) land in the same split.
+
+    ``groups[i]`` lists the keys of entry ``i`` (its chains' sequences, or their cluster ids). Entries linked
+    by a shared key form one component; components are shuffled with the seed and dealt to test, then
+    validation, until each holds its fraction of entries. Returns one split name per entry.
+    """
+    parent = list(range(len(groups)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner = {}
+    for i, keys in enumerate(groups):
+        for key in keys:
+            j = owner.setdefault(key, i)
+            ri, rj = find(i), find(j)
+            if ri != rj:
+                parent[max(ri, rj)] = min(ri, rj)
+    components: dict[int, list[int]] = {}
+    for i in range(len(groups)):
+        components.setdefault(find(i), []).append(i)
+    order = sorted(components.values(), key=lambda members: members[0])
+    rng = np.random.default_rng(options.seed)
+    order = [order[i] for i in rng.permutation(len(order))]
+
+    n = len(groups)
+    targets = {"test": round(options.test_fraction * n), "validation": round(options.validation_fraction * n)}
+    for split, fraction in (("test", options.test_fraction), ("validation", options.validation_fraction)):
+        if fraction > 0 and targets[split] == 0 and n >= 3:
+            targets[split] = 1
+    counts = {"test": 0, "validation": 0}
+    assignment = ["train"] * n
+    for members in order:
+        for split in ("test", "validation"):
+            if counts[split] + len(members) <= targets[split]:
+                counts[split] += len(members)
+                for i in members:
+                    assignment[i] = split
+                break
+    return assignment
+
+
+def _count(report: dict, reason: str) -> None:
+    report["filter_counts"][reason] = report["filter_counts"].get(reason, 0) + 1
+
+
+def _summary(report: dict) -> str:
+    lines = [
+        f"dataset: {report['dataset_path']}",
+        f"files: {report['files_seen']} seen, {report['files_parsed']} parsed, {len(report['files_failed'])} failed, "
+        f"{len(report['files_without_chains'])} with no chain kept",
+        f"chains: {report['chains_seen']} seen, {report['chains_kept']} kept, {len(report['chains_filtered'])} filtered",
+    ]
+    for reason, count in sorted(report["filter_counts"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {count:6d}  {reason}")
+    sizes = ", ".join(
+        f"{s} {report['splits'][s]['entries']} entries / {report['splits'][s]['chains']} chains / {report['splits'][s]['residues']} residues"
+        for s in SPLITS
+    )
+    lines.append(f"splits ({report['split_by']}): {sizes}")
+    failed = report["files_failed"]
+    for item in failed[:10]:
+        lines.append(f"  failed: {item['file']}: {item['error']}")
+    if len(failed) > 10:
+        lines.append(f"  ... and {len(failed) - 10} more failed files, listed in {REPORT_NAME}")
+    lines.append(f"report: {Path(report['dataset_path']) / REPORT_NAME}  ({report['seconds']:.1f} s)")
+    return "\n".join(lines)
+
+
+def load_built(path) -> BuildResult:
+    from datasets import load_from_disk
+
+    path = Path(path)
+    report_path = path / REPORT_NAME
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {"dataset_path": str(path)}
+    dataset = load_from_disk(str(path))
+    missing = [s for s in SPLITS if s not in dataset]
+    if missing:
+        raise DatasetBuildError(f"{path} is a dataset without the split(s) {missing}; rebuild it with protmask build-dataset")
+    return BuildResult(path=path, dataset=dataset, report=report, reused=True)
+
+
+def build_dataset(
+    pdb_path,
+    cache_dir,
+    options: BuildOptions | None = None,
+    num_proc: int | None = None,
+    force: bool = False,
+    log=print,
+) -> BuildResult:
+    """Build (or reuse) the dataset for ``pdb_path`` under ``cache_dir`` and return it with its report.
+
+    The same inputs and options give the same fingerprint and reuse the cache without parsing; a changed,
+    added or removed file or option builds anew. An already built dataset folder may be given as ``pdb_path``.
+    """
+    options = options or BuildOptions()
+    options.validate()
+    if isinstance(pdb_path, (str, os.PathLike)) and is_built_dataset(pdb_path):
+        return load_built(pdb_path)
+    files, root = find_structure_files(pdb_path)
+    key = fingerprint(files, options)
+    target = Path(cache_dir) / f"protmask-dataset-{key}"
+    if not force and is_built_dataset(target) and (target / REPORT_NAME).is_file():
+        result = load_built(target)
+        log(f"reusing the dataset built from these {len(files)} files with these options: {target}")
+        return result
+
+    import datasets
+    from datasets import Dataset, DatasetDict
+
+    # The build prints its own summary; datasets' per-step bars would bury it.
+    datasets.disable_progress_bars()
+    started = time.time()
+    num_proc = max(1, min(num_proc or os.cpu_count() or 1, len(files)))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+
+    report = {
+        "dataset_path": str(target),
+        "fingerprint": key,
+        "format_version": BUILD_FORMAT_VERSION,
+        "inputs": [str(p) for p in ([pdb_path] if isinstance(pdb_path, (str, os.PathLike)) else pdb_path)],
+        "options": asdict(options),
+        "num_proc": num_proc,
+        "files_seen": len(files),
+        "files_parsed": 0,
+        "files_failed": [],
+        "files_without_chains": [],
+        "chains_seen": 0,
+        "chains_kept": 0,
+        "chains_filtered": [],
+        "filter_counts": {},
+        "entries_filtered": [],
+    }
+    groups, names = [], []
+    clusters = read_cluster_file(options.cluster_file) if options.cluster_file else None
+    unclustered = 0
+
+    def rows():
+        nonlocal unclustered
+        paths = [str(p) for p in files]
+        if num_proc > 1:
+            # fork: no re-import of the caller's __main__ (scripts without a main guard work), cheap start.
+            context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+            pool = ProcessPoolExecutor(num_proc, mp_context=context)
+            results = pool.map(_parse_one, paths, chunksize=max(1, min(16, len(paths) // (num_proc * 4) or 1)))
+        else:
+            pool, results = None, map(_parse_one, paths)
+        try:
+            for path, chains, error in results:
+                rel = entry_name(Path(path), root)
+                if error is not None:
+                    report["files_failed"].append({"file": path, "error": error})
+                    continue
+                report["files_parsed"] += 1
+                report["chains_seen"] += len(chains)
+                resolution = chains[0].resolution
+                if options.max_resolution is not None and resolution is not None and resolution > options.max_resolution:
+                    reason = f"resolution {resolution:.2f} Å over --max_resolution {options.max_resolution}"
+                    report["entries_filtered"].append({"file": path, "reason": reason})
+                    for chain in chains:
+                        report["chains_filtered"].append({"file": path, "chain": chain.chain_id, "length": len(chain), "reason": reason})
+                        _count(report, "resolution over --max_resolution")
+                    report["files_without_chains"].append(path)
+                    continue
+                kept, dropped = _filter_chains(chains, options)
+                for chain, reason in dropped:
+                    report["chains_filtered"].append({"file": path, "chain": chain.chain_id, "length": len(chain), "reason": reason})
+                    _count(report, "too many unknown (X) residues" if "unknown (X)" in reason else reason.split(" (")[0])
+                if not kept:
+                    report["files_without_chains"].append(path)
+                    continue
+                report["chains_kept"] += len(kept)
+                if clusters is not None:
+                    keys = []
+                    for chain in kept:
+                        cluster = clusters.get(f"{Path(rel).name.lower()}_{chain.chain_id}")
+                        if cluster is None:
+                            unclustered += 1
+                            keys.append("seq:" + chain.sequence)
+                        else:
+                            keys.append("cluster:" + cluster)
+                else:
+                    keys = ["seq:" + chain.sequence for chain in kept]
+                groups.append(keys)
+                names.append(rel)
+                yield _row(rel, path, kept)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+
+    try:
+        try:
+            full = Dataset.from_generator(
+                rows, features=dataset_features(), cache_dir=str(staging / "generator"), fingerprint=key
+            )
+        except ValueError:
+            if names:  # a generator that yielded rows failed for another reason
+                raise
+        if report["files_parsed"] == 0:
+            raise DatasetBuildError(
+                f"every one of the {len(files)} files under --pdb_path {pdb_path} failed to parse; the first: "
+                f"{report['files_failed'][0]['file']}: {report['files_failed'][0]['error']}"
+            )
+        if len(names) == 0:
+            raise DatasetBuildError(
+                f"no chain of the {len(files)} files under --pdb_path {pdb_path} passed the filters "
+                f"(--min_length {options.min_length}); see the reasons in {REPORT_NAME}"
+            )
+        assignment = assign_splits(groups, options)
+        splits = {}
+        for split in SPLITS:
+            indices = [i for i, s in enumerate(assignment) if s == split]
+            splits[split] = full.select(indices)
+        report["split_by"] = "cluster file" if clusters is not None else "identical chain sequence"
+        if clusters is not None:
+            report["chains_not_in_cluster_file"] = unclustered
+        report["splits"] = {}
+        lengths = np.asarray(full["length"])
+        chain_counts = np.asarray([len(g) for g in groups])
+        for split in SPLITS:
+            indices = [i for i, s in enumerate(assignment) if s == split]
+            report["splits"][split] = {
+                "entries": len(indices),
+                "chains": int(chain_counts[indices].sum()) if indices else 0,
+                "residues": int(lengths[indices].sum()) if indices else 0,
+            }
+        report["seconds"] = round(time.time() - started, 2)
+        report["files_per_second"] = round(len(files) / max(report["seconds"], 1e-9), 2)
+        final_dir = staging / "dataset"
+        # An empty split must still be written as one (empty) shard, or it cannot be loaded back.
+        DatasetDict(splits).save_to_disk(
+            str(final_dir), num_shards={s: 1 for s in SPLITS if len(splits[s]) == 0} or None
+        )
+        (final_dir / REPORT_NAME).write_text(json.dumps(report, indent=1))
+        # Rename last: a killed build leaves only a .tmp folder, never a dataset that looks complete.
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(final_dir, target)
+    except DatasetBuildError as error:
+        # A refused build still says what happened to every file.
+        failed_report = target.parent / f"{target.name}.failed-{REPORT_NAME}"
+        failed_report.write_text(json.dumps(report, indent=1))
+        raise DatasetBuildError(f"{error}\nfull report: {failed_report}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result = load_built(target)
+    result.reused = False
+    log(_summary(report))
+    return result

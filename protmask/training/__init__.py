@@ -1,0 +1,1 @@
+"""Training: flags (`arguments`) and the Accelerate loop (`loop`)."""

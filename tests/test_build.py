@@ -1,0 +1,142 @@
+"""Dataset builds: every file accounted for, cache reuse and invalidation, leak-free deterministic splits."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from protmask.data.build import (
+    REPORT_NAME,
+    BuildOptions,
+    DatasetBuildError,
+    assign_splits,
+    build_dataset,
+)
+
+quiet = dict(log=lambda *a: None)
+
+
+def chain_sequences(row):
+    sequence, start, out = row["sequence"], 0, []
+    for length in row["chain_lengths"]:
+        out.append(sequence[start:start + length])
+        start += length
+    return out
+
+
+def test_edge_cases_build_keeps_valid_and_reports_the_rest(edge_dir, tmp_path):
+    result = build_dataset(edge_dir, tmp_path, num_proc=2, **quiet)
+    report = result.report
+    files = sorted(str(p.resolve()) for p in edge_dir.iterdir() if p.name != "README.md")
+    assert report["files_seen"] == len(files)
+    in_dataset = {row["source"] for split in result.dataset.values() for row in split}
+    failed = {item["file"] for item in report["files_failed"]}
+    empty = set(report["files_without_chains"])
+    assert in_dataset | failed | empty == set(files)  # nothing lost silently
+    assert not (in_dataset & failed) and not (in_dataset & empty)
+    assert {os.path.basename(f) for f in failed} == {
+        "empty.pdb", "truncated_1crn.pdb", "hetatm_only_1mbn_heme.pdb", "dna_only_1bna.pdb.gz", "malformed_minimal_4q9r.cif"}
+    assert {os.path.basename(f) for f in in_dataset} == {
+        "1crn.cif.gz", "duplicate_atoms_no_altloc_1crn.pdb", "missing_backbone_atoms_4x1v.pdb.gz"}
+    reasons = {(os.path.basename(c["file"]), c["chain"]): c["reason"] for c in report["chains_filtered"]}
+    assert "no residue with a complete" in reasons[("ca_only_1crn.pdb", "A")]
+    assert "unknown (X)" in reasons[("d_amino_acids_2q33.pdb.gz", "A")]
+    assert "fewer than 20" in reasons[("nmr_multimodel_1lvz.pdb.gz", "A")]
+    on_disk = json.loads((result.path / REPORT_NAME).read_text())
+    assert on_disk["files_seen"] == report["files_seen"]
+
+
+def test_sample_builds_with_disjoint_splits(sample_build):
+    dataset, report = sample_build.dataset, sample_build.report
+    assert report["files_seen"] == 45 and not report["files_failed"]
+    assert all(len(dataset[s]) > 0 for s in ("train", "validation", "test"))
+    sequences = {s: {seq for row in dataset[s] for seq in chain_sequences(row)} for s in dataset}
+    assert not sequences["train"] & sequences["validation"]
+    assert not sequences["train"] & sequences["test"]
+    assert not sequences["validation"] & sequences["test"]
+    row = dataset["train"].with_format("numpy")[0]
+    assert row["coords"].dtype == np.float32 and row["coords"].shape == (row["length"] * 12,)
+    assert len(row["sequence"]) == row["length"] == sum(row["chain_lengths"]) == len(row["residue_numbers"])
+    total = sum(report["splits"][s]["chains"] for s in report["splits"])
+    assert total == report["chains_kept"] == report["chains_seen"] - len(report["chains_filtered"])
+
+
+def test_cache_reused_and_invalidated(sample_dir, tmp_path):
+    data = tmp_path / "pdb"
+    data.mkdir()
+    for name in ("1a8q.pdb.gz", "1aki.cif.gz", "1p3c.pdb.gz", "2fr2.pdb.gz", "3fh2.pdb.gz"):
+        shutil.copy(sample_dir / name, data / name)
+    cache = tmp_path / "cache"
+    first = build_dataset(data, cache, num_proc=1, **quiet)
+    assert not first.reused
+    again = build_dataset(data, cache, num_proc=1, **quiet)
+    assert again.reused and again.path == first.path
+    other_options = build_dataset(data, cache, BuildOptions(min_length=30), num_proc=1, **quiet)
+    assert not other_options.reused and other_options.path != first.path
+    # A changed file: same name, new content.
+    shutil.copy(sample_dir / "4bpy.pdb.gz", data / "3fh2.pdb.gz")
+    changed = build_dataset(data, cache, num_proc=1, **quiet)
+    assert not changed.reused and changed.path != first.path
+    # An added file.
+    shutil.copy(sample_dir / "5emb.pdb.gz", data / "5emb.pdb.gz")
+    added = build_dataset(data, cache, num_proc=1, **quiet)
+    assert not added.reused and added.report["files_seen"] == 6
+    # A built dataset can be handed over as --pdb_path.
+    direct = build_dataset(added.path, tmp_path / "elsewhere", **quiet)
+    assert direct.path == added.path and len(direct.dataset["train"]) == len(added.dataset["train"])
+
+
+def test_list_file_input(sample_dir, tmp_path):
+    listing = tmp_path / "files.txt"
+    listing.write_text(f"# two files\n{sample_dir / '1a8q.pdb.gz'}\n{sample_dir / '1aki.cif.gz'}\n")
+    result = build_dataset(listing, tmp_path / "cache", BuildOptions(validation_fraction=0, test_fraction=0), **quiet)
+    assert result.report["files_seen"] == 2 and len(result.dataset["train"]) == 2
+
+
+def test_splits_deterministic_and_follow_clusters(sample_build, sample_dir, tmp_path):
+    options = BuildOptions(seed=3)
+    groups = [["a"], ["b"], ["a", "c"], ["d"], ["c"], ["e"], ["f"], ["g"], ["h"], ["i"]]
+    first = assign_splits(groups, options)
+    assert first == assign_splits(groups, options)
+    assert len({first[0], first[2], first[4]}) == 1  # linked through shared keys a and c
+    assert any(assign_splits(groups, BuildOptions(seed=s)) != first for s in range(4, 10))
+
+    # A cluster file that puts two different proteins in one cluster keeps them in one split.
+    cluster_file = tmp_path / "clusters.tsv"
+    cluster_file.write_text("1a8q_A\tshared\n1p3c_A\tshared\n")
+    result = build_dataset(sample_dir, tmp_path / "cache", BuildOptions(cluster_file=str(cluster_file)), num_proc=2, **quiet)
+    where = {row["name"]: split for split in result.dataset for row in result.dataset[split]}
+    assert where["1a8q"] == where["1p3c"]
+    assert result.report["split_by"] == "cluster file"
+
+
+def test_clear_errors_before_work(tmp_path, edge_dir):
+    with pytest.raises(DatasetBuildError, match="does not exist"):
+        build_dataset(tmp_path / "absent", tmp_path / "cache", **quiet)
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "empty_dir" / "notes.txt").write_text("hello")
+    with pytest.raises(DatasetBuildError, match="holds no structure files"):
+        build_dataset(tmp_path / "empty_dir", tmp_path / "cache", **quiet)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("empty.pdb", "truncated_1crn.pdb"):
+        shutil.copy(edge_dir / name, bad / name)
+    with pytest.raises(DatasetBuildError, match="every one of the 2 files"):
+        build_dataset(bad, tmp_path / "cache", **quiet)
+    with pytest.raises(DatasetBuildError, match="--validation_fraction"):
+        build_dataset(bad, tmp_path / "cache", BuildOptions(validation_fraction=0.6, test_fraction=0.5), **quiet)
+
+
+def test_command_line(sample_dir, tmp_path):
+    command = [sys.executable, "-m", "protmask.cli", "build-dataset", "--cache_dir", str(tmp_path), "--num_proc", "2",
+               "--pdb_path", str(sample_dir)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "45 seen, 45 parsed, 0 failed" in done.stdout
+    assert (tmp_path / done.stdout.strip().splitlines()[-1].split("/")[-1] / REPORT_NAME).is_file()
+    missing = subprocess.run(command[:-1] + [str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr

@@ -1,0 +1,207 @@
+"""parse_structure on real files: the edge cases, the sample against its manifest, and each rule."""
+
+import gzip
+import math
+
+import numpy as np
+import pytest
+
+from protmask.structure import ProteinChain, StructureError, parse_structure
+
+from conftest import pdb_atom_line, read_fasta, read_manifest, TESTS
+
+
+def test_sample_matches_manifest_and_sequences(sample_dir):
+    manifest = read_manifest(sample_dir / "MANIFEST.tsv")
+    fasta = read_fasta(TESTS / "data" / "sample_sequences.fasta")
+    checked = 0
+    for name, row in manifest.items():
+        chains = parse_structure(sample_dir / name)
+        assert len(chains) == int(row["n_protein_chains"]), name
+        lengths = dict(part.split(":") for part in row["chain_lengths"].split(","))
+        for chain in chains:
+            reference = fasta[f"{name}:{chain.chain_id}"]
+            if "X" not in chain.sequence:
+                # The reference kept only is_aa() residues and wrote X for every modification but MSE; we map
+                # modifications to their parent, so compare wherever the reference names a residue.
+                assert len(chain.sequence) == len(reference), (name, chain.chain_id)
+                assert all(a == b for a, b in zip(chain.sequence, reference) if b != "X"), (name, chain.chain_id)
+                assert len(chain) == int(lengths[chain.chain_id])
+            assert chain.coords.shape == (len(chain), 4, 3) and chain.coords.dtype == np.float32
+            assert chain.residue_numbers.shape == (len(chain),) and len(chain.insertion_codes) == len(chain)
+            checked += 1
+    assert checked == sum(int(r["n_protein_chains"]) for r in manifest.values())
+
+
+def test_method_and_resolution(sample_dir):
+    (chain,) = parse_structure(sample_dir / "1aki.cif.gz")
+    assert chain.method == "X-RAY DIFFRACTION" and chain.resolution == pytest.approx(1.5)
+    nmr = parse_structure(sample_dir / "1qm2.pdb.gz")[0]
+    assert nmr.method == "SOLUTION NMR" and nmr.resolution is None
+    em = parse_structure(sample_dir / "3zee.cif.gz")[0]
+    assert em.method == "ELECTRON MICROSCOPY" and em.resolution == pytest.approx(6.1)
+    # PDownB files carry no header at all: unknown, never 0.0.
+    bare = parse_structure(sample_dir / "1a8q.pdb.gz")[0]
+    assert bare.method is None and bare.resolution is None
+
+
+def test_selenomethionine_is_methionine_and_ligands_ignored(sample_dir):
+    (chain,) = parse_structure(sample_dir / "1a8o.pdb.gz")
+    text = gzip.open(sample_dir / "1a8o.pdb.gz", "rt").read()
+    mse = {int(line[22:26]) for line in text.splitlines() if line.startswith("HETATM") and line[17:20] == "MSE"}
+    assert mse, "the file should hold MSE residues"
+    for number in mse:
+        position = chain.residue_numbers.tolist().index(number)
+        assert chain.sequence[position] == "M"
+    assert len(chain) == 70  # the waters and other HETATM groups are not residues of the chain
+
+
+def test_insertion_codes_key_residues(sample_dir, edge_dir):
+    (chain,) = parse_structure(edge_dir / "insertion_codes_fragment_1bd2.pdb.gz")
+    assert len(chain) == 9 and "54A" in chain.residue_ids and "54" in chain.residue_ids
+    assert np.isnan(chain.coords[0, 0]).all() and np.isfinite(chain.coords[0, 1]).all()  # first residue has no N
+    chains = parse_structure(sample_dir / "1dix.pdb.gz")
+    ids = [(c.chain_id, r) for c in chains for r in c.residue_ids]
+    assert len(ids) == len(set(ids)) and any(not r[-1].isdigit() for _, r in ids)
+
+
+def test_negative_residue_numbers(sample_dir):
+    chain = parse_structure(sample_dir / "1o1z.cif.gz")[0]
+    assert chain.residue_numbers.min() < 0
+
+
+def test_nmr_takes_model_one(edge_dir):
+    (chain,) = parse_structure(edge_dir / "nmr_multimodel_1lvz.pdb.gz")
+    text = gzip.open(edge_dir / "nmr_multimodel_1lvz.pdb.gz", "rt").read()
+    first_ca = next(l for l in text.splitlines() if l.startswith("ATOM") and l[12:16] == " CA ")
+    xyz = [float(first_ca[30:38]), float(first_ca[38:46]), float(first_ca[46:54])]
+    assert np.allclose(chain.coords[0, 1], xyz, atol=1e-3)
+    assert len(chain) == 11 and chain.method == "SOLUTION NMR"
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("empty.pdb", "empty file"),
+        ("truncated_1crn.pdb", "unreadable PDB"),
+        ("hetatm_only_1mbn_heme.pdb", "no protein chain"),
+        ("dna_only_1bna.pdb.gz", "no protein chain"),
+        ("malformed_minimal_4q9r.cif", "unreadable MMCIF"),
+    ],
+)
+def test_unreadable_files_raise_one_typed_error(edge_dir, name, reason):
+    with pytest.raises(StructureError) as info:
+        parse_structure(edge_dir / name)
+    assert name in str(info.value) and reason in info.value.reason
+
+
+def test_ca_only_and_missing_backbone_atoms_are_nan(edge_dir):
+    (chain,) = parse_structure(edge_dir / "ca_only_1crn.pdb")
+    assert len(chain) == 46
+    assert np.isfinite(chain.coords[:, 1]).all() and np.isnan(chain.coords[:, [0, 2, 3]]).all()
+    assert not chain.backbone_complete.any()
+
+    chains = {c.chain_id: c for c in parse_structure(edge_dir / "missing_backbone_atoms_4x1v.pdb.gz")}
+    def atoms_present(chain_id, number):
+        chain = chains[chain_id]
+        row = chain.coords[chain.residue_numbers.tolist().index(number)]
+        return [bool(np.isfinite(atom).all()) for atom in row]
+    assert atoms_present("A", 109) == [False, False, True, True]
+    assert atoms_present("A", 168) == [True, True, False, False]
+    assert atoms_present("B", 77) == [False, True, True, True]
+    assert atoms_present("B", 90) == [True, True, False, False]
+
+
+def test_duplicate_atoms_keep_first_copy(edge_dir):
+    (chain,) = parse_structure(edge_dir / "duplicate_atoms_no_altloc_1crn.pdb")
+    assert len(chain) == 46 and chain.backbone_complete.all()
+
+
+def test_d_amino_acids_are_reported_as_x_not_dropped(edge_dir):
+    chains = parse_structure(edge_dir / "d_amino_acids_2q33.pdb.gz")
+    assert sum(len(c) for c in chains) == 91  # all residues kept, only glycine is recognisable
+    assert set("".join(c.sequence for c in chains)) == {"X", "G"}
+    assert any("DAL" in note for c in chains for note in c.notes)
+
+
+def test_mmcif_gzip(edge_dir):
+    (chain,) = parse_structure(edge_dir / "1crn.cif.gz")
+    assert chain.sequence.startswith("TTCCPSIVARSNFNVCRLPGTPEA") and len(chain) == 46
+
+
+def _crambin_residues(edge_dir, count=3):
+    """The first residues of 1CRN as (resname, resseq, {atom: xyz})."""
+    residues = {}
+    for line in (edge_dir / "duplicate_atoms_no_altloc_1crn.pdb").read_text().splitlines():
+        if line.startswith("ATOM"):
+            number = int(line[22:26])
+            if number > count:
+                break
+            residues.setdefault(number, (line[17:20], {}))[1].setdefault(
+                line[12:16].strip(), [float(line[30:38]), float(line[38:46]), float(line[46:54])])
+    return residues
+
+
+def test_altloc_highest_occupancy_and_tie_takes_first(tmp_path, edge_dir):
+    lines, serial = [], 1
+    for number, (resname, atoms) in _crambin_residues(edge_dir).items():
+        for name, xyz in atoms.items():
+            if name == "CA" and number == 1:  # occupancy 0.3 (A) vs 0.7 (B): B wins
+                lines.append(pdb_atom_line(serial, name, resname, "A", number, xyz, 0.3, "A")); serial += 1
+                lines.append(pdb_atom_line(serial, name, resname, "A", number, [x + 1 for x in xyz], 0.7, "B"))
+            elif name == "CA" and number == 2:  # 0.5 / 0.5 tie: the first written (here B) wins
+                lines.append(pdb_atom_line(serial, name, resname, "A", number, [x + 2 for x in xyz], 0.5, "B")); serial += 1
+                lines.append(pdb_atom_line(serial, name, resname, "A", number, xyz, 0.5, "A"))
+            else:
+                lines.append(pdb_atom_line(serial, name, resname, "A", number, xyz))
+            serial += 1
+    path = tmp_path / "altlocs.pdb"
+    path.write_text("\n".join(lines + ["END"]) + "\n")
+    (chain,) = parse_structure(path)
+    residues = _crambin_residues(edge_dir)
+    assert np.allclose(chain.coords[0, 1], np.add(residues[1][1]["CA"], 1), atol=1e-3)
+    assert np.allclose(chain.coords[1, 1], np.add(residues[2][1]["CA"], 2), atol=1e-3)
+
+
+def test_modified_unknown_and_point_mutation_residues(tmp_path, edge_dir):
+    residues = _crambin_residues(edge_dir, count=4)
+    lines, serial = [], 1
+    for number, (resname, atoms) in residues.items():
+        record, name_out = "ATOM", resname
+        if number == 1:
+            record, name_out = "HETATM", "SEP"  # phosphoserine → S through the extended table
+        if number == 2:
+            record, name_out = "HETATM", "ZZZ"  # not in any table but has a backbone → X
+        for name, xyz in atoms.items():
+            if number == 4:  # a point mutation: SER at 0.3, ALA at 0.7 in the same position
+                for altloc, alt_name, occupancy in (("A", "SER", 0.3), ("B", "ALA", 0.7)):
+                    lines.append(pdb_atom_line(serial, name, alt_name, "A", number, xyz, occupancy, altloc)); serial += 1
+                continue
+            lines.append(pdb_atom_line(serial, name, name_out, "A", number, xyz, record=record)); serial += 1
+    lines.append(pdb_atom_line(serial, "O", "HOH", "A", 100, [0, 0, 0], record="HETATM"))
+    lines.append(pdb_atom_line(serial + 1, "FE", "HEM", "A", 101, [1, 1, 1], record="HETATM"))
+    path = tmp_path / "modified.pdb"
+    path.write_text("\n".join(lines + ["END"]) + "\n")
+    (chain,) = parse_structure(path)
+    assert chain.sequence == "SXCA"
+    assert chain.notes == ["mapped to X: ZZZ"]
+
+
+def test_gzip_bomb_is_refused(tmp_path):
+    path = tmp_path / "big.pdb.gz"
+    with gzip.open(path, "wb") as handle:
+        handle.write(b"REMARK" + b" " * (4 << 20))
+    assert path.stat().st_size < 100_000
+    with pytest.raises(StructureError, match="inflates past"):
+        parse_structure(path, max_bytes=1 << 20)
+
+
+def test_unsupported_and_missing_files(tmp_path):
+    with pytest.raises(StructureError, match="unsupported file type"):
+        parse_structure(tmp_path / "notes.txt")
+    with pytest.raises(StructureError, match="no such file"):
+        parse_structure(tmp_path / "absent.pdb")
+    bad = tmp_path / "broken.pdb.gz"
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(StructureError, match="cannot read"):
+        parse_structure(bad)
