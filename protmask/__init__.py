@@ -1,0 +1,21 @@
+"""protmask: a structure-conditioned masked protein language model and its Accelerate trainer.
+
+``import protmask`` registers the model with the transformers ``Auto*`` classes.
+"""
+
+from .data.collator import ProtMaskProcessor
+from .models import ProtMaskConfig, ProtMaskForMaskedLM, ProtMaskModel, ProtMaskTokenizer
+from .structure import ProteinChain, StructureError, parse_structure
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ProtMaskConfig",
+    "ProtMaskForMaskedLM",
+    "ProtMaskModel",
+    "ProtMaskProcessor",
+    "ProtMaskTokenizer",
+    "ProteinChain",
+    "StructureError",
+    "parse_structure",
+]

@@ -1,0 +1,53 @@
+"""Shared helpers for the benchmarks: where the data is, peak memory, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def default_pdb_path() -> str:
+    """The full structure set beside the checkout when present, else the shipped sample."""
+    for candidate in (ROOT.parent / "shared" / "data" / "pdb", ROOT / "shared" / "data" / "pdb"):
+        if candidate.is_dir():
+            return str(candidate)
+    from protmask.data import SAMPLE_DATA
+
+    return str(SAMPLE_DATA)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux reports kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def emit(result: dict, output: str | None = None) -> None:
+    text = json.dumps(result, indent=1)
+    print(text)
+    if output:
+        Path(output).write_text(text + "\n")

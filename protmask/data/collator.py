@@ -1,0 +1,310 @@
+"""Chains → the model's batch: cropping, masking (exact count per chain, 80/10/10) and padding.
+
+`ProtMaskProcessor` is the one place this happens, for the training collator, for evaluation and design,
+and for users: ``batch = processor(parse_structure(path)); model(**batch)``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..models.tokenization_protmask import ProtMaskTokenizer
+from ..structure import ProteinChain
+
+IGNORE_INDEX = -100
+#: The 80 / 10 / 10 split of masked positions: hidden, replaced by a random residue, left unchanged.
+MASK_TOKEN_FRACTION, RANDOM_TOKEN_FRACTION = 0.8, 0.1
+
+
+@dataclass
+class Example:
+    """One model input: one chain or several chains of one entry, concatenated."""
+
+    name: str
+    sequence: str
+    coords: np.ndarray  # float32 [L, 4, 3], NaN where missing
+    chain_ids: list[str]
+    chain_lengths: list[int]
+    residue_numbers: np.ndarray  # int [L]
+
+    def __len__(self) -> int:
+        return len(self.sequence)
+
+
+def to_example(item: Any) -> Example:
+    """Accepts a `ProteinChain`, a list of `ProteinChain` (one complex), a dataset row, or an `Example`."""
+    if isinstance(item, Example):
+        return item
+    if isinstance(item, ProteinChain):
+        item = [item]
+    if isinstance(item, (list, tuple)) and item and all(isinstance(c, ProteinChain) for c in item):
+        source = Path(item[0].source).name if item[0].source else ""
+        return Example(
+            name=source,
+            sequence="".join(c.sequence for c in item),
+            coords=np.concatenate([c.coords for c in item]).astype(np.float32),
+            chain_ids=[c.chain_id for c in item],
+            chain_lengths=[len(c) for c in item],
+            residue_numbers=np.concatenate([c.residue_numbers for c in item]),
+        )
+    if isinstance(item, Mapping):
+        sequence = str(item["sequence"])
+        coords = np.asarray(item["coords"], dtype=np.float32).reshape(len(sequence), 4, 3)
+        lengths = [int(x) for x in item.get("chain_lengths", [len(sequence)])]
+        chain_ids = [str(x) for x in item.get("chain_ids", [chr(65 + i) for i in range(len(lengths))])]
+        numbers = item.get("residue_numbers")
+        numbers = np.arange(1, len(sequence) + 1) if numbers is None else np.asarray(numbers)
+        return Example(str(item.get("name", "")), sequence, coords, chain_ids, lengths, numbers)
+    raise TypeError(
+        f"cannot make a model input from {type(item).__name__}; give a ProteinChain, a list of ProteinChain "
+        "(one complex) or a dataset row"
+    )
+
+
+def residue_index(numbers: np.ndarray, chain_lengths: Sequence[int]) -> np.ndarray:
+    """Positions along each chain that keep gaps in the numbering (missing residues) but count an
+    insertion code or a numbering restart as one step, so offsets between residues stay meaningful."""
+    steps = np.diff(np.asarray(numbers, dtype=np.int64), prepend=0)
+    steps = np.clip(steps, 1, 1000)
+    index = np.empty(len(numbers), dtype=np.int64)
+    start = 0
+    for length in chain_lengths:
+        segment = steps[start:start + length].copy()
+        if length:
+            segment[0] = 0
+        index[start:start + length] = np.cumsum(segment)
+        start += length
+    return index
+
+
+def crop(example: Example, max_length: int, rng: np.random.Generator) -> tuple[Example, np.ndarray]:
+    """At most ``max_length`` residues: a contiguous window of a single chain, or for a complex the residues
+    nearest (by CA) to a random residue, so that interfaces survive. Returns the crop and the kept positions."""
+    length = len(example)
+    if length <= max_length:
+        return example, np.arange(length)
+    if len(example.chain_lengths) == 1:
+        start = int(rng.integers(0, length - max_length + 1))
+        keep = np.arange(start, start + max_length)
+    else:
+        ca = example.coords[:, 1]
+        valid = np.isfinite(ca).all(-1)
+        center = ca[rng.choice(np.flatnonzero(valid))] if valid.any() else np.zeros(3)
+        distance = np.where(valid, np.linalg.norm(np.nan_to_num(ca) - center, axis=-1), np.inf)
+        keep = np.sort(np.argsort(distance, kind="stable")[:max_length])
+    chain_of = np.repeat(np.arange(len(example.chain_lengths)), example.chain_lengths)[keep]
+    kept_chains = [i for i in range(len(example.chain_lengths)) if (chain_of == i).any()]
+    cropped = Example(
+        name=example.name,
+        sequence="".join(example.sequence[i] for i in keep),
+        coords=example.coords[keep],
+        chain_ids=[example.chain_ids[i] for i in kept_chains],
+        chain_lengths=[int((chain_of == i).sum()) for i in kept_chains],
+        residue_numbers=example.residue_numbers[keep],
+    )
+    return cropped, keep
+
+
+def mask_chains(
+    token_ids: np.ndarray,
+    scorable: np.ndarray,
+    chain_lengths: Sequence[int],
+    ratio: float | tuple[float, float],
+    rng: np.random.Generator,
+    mask_token_id: int,
+    residue_ids: Sequence[int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hide ``round(ratio × scorable residues)`` positions of each chain (at least one when it has any).
+
+    Of the chosen positions 80 % become the mask token, 10 % a random one of the 20 amino acids and 10 %
+    stay as they are; labels hold the true residue there and -100 elsewhere. ``ratio`` may be a
+    ``(low, high)`` range, drawn uniformly per chain. Returns ``(input_ids, labels)``.
+    """
+    input_ids = token_ids.copy()
+    labels = np.full_like(token_ids, IGNORE_INDEX)
+    residue_ids = np.asarray(residue_ids)
+    start = 0
+    for length in chain_lengths:
+        candidates = start + np.flatnonzero(scorable[start:start + length])
+        start += length
+        if len(candidates) == 0:
+            continue
+        chain_ratio = rng.uniform(*ratio) if isinstance(ratio, tuple) else ratio
+        count = min(len(candidates), max(1, int(np.floor(chain_ratio * len(candidates) + 0.5))))
+        chosen = rng.choice(candidates, size=count, replace=False)
+        labels[chosen] = token_ids[chosen]
+        draw = rng.random(count)
+        input_ids[chosen[draw < MASK_TOKEN_FRACTION]] = mask_token_id
+        randomised = chosen[(draw >= MASK_TOKEN_FRACTION) & (draw < MASK_TOKEN_FRACTION + RANDOM_TOKEN_FRACTION)]
+        input_ids[randomised] = rng.choice(residue_ids, size=len(randomised))
+    return input_ids, labels
+
+
+class ProtMaskProcessor:
+    """Turns chains into the model's batch: ``input_ids, coords, attention_mask, residue_index, chain_index``
+    and, when masking, ``labels``.
+
+    ``processor(chains)`` treats each `ProteinChain` as its own example; ``processor([chains])`` makes one
+    multi-chain example of them. Dataset rows work too. With ``mask=True`` every chain has
+    ``round(mask_ratio × residues)`` residues hidden and scored (see `mask_chains`); ``seeds`` (one per
+    example) make the masks and crops reproducible whatever the batch they land in.
+    """
+
+    def __init__(
+        self,
+        tokenizer: ProtMaskTokenizer | None = None,
+        mask_ratio: float = 0.15,
+        mask_ratio_max: float | None = None,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = 8,
+        seed: int = 0,
+    ):
+        self.tokenizer = tokenizer or ProtMaskTokenizer()
+        self.mask_ratio = mask_ratio
+        self.mask_ratio_max = mask_ratio_max
+        self.max_length = max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self._rng = np.random.default_rng(seed)
+        vocab = self.tokenizer.get_vocab()
+        self._lookup = np.full(128, self.tokenizer.unknown_residue_id, dtype=np.int64)
+        for token, index in vocab.items():
+            if len(token) == 1:
+                self._lookup[ord(token)] = index
+                self._lookup[ord(token.lower())] = index
+        self._scorable_ids = np.asarray(self.tokenizer.amino_acid_ids)
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> "ProtMaskProcessor":
+        """The tokenizer of a saved model folder, masking at the ratio the model was trained at."""
+        tokenizer = ProtMaskTokenizer.from_pretrained(path)
+        config_path = Path(path) / "config.json"
+        if config_path.is_file():
+            config = json.loads(config_path.read_text())
+            kwargs.setdefault("mask_ratio", config.get("mask_ratio", 0.15))
+        return cls(tokenizer, **kwargs)
+
+    @property
+    def mask_range(self) -> float | tuple[float, float]:
+        return (self.mask_ratio, self.mask_ratio_max) if self.mask_ratio_max else self.mask_ratio
+
+    def encode_sequence(self, sequence: str) -> np.ndarray:
+        codes = np.frombuffer(sequence.encode("ascii", errors="replace"), dtype=np.uint8)
+        return self._lookup[np.minimum(codes, 127)]
+
+    def _normalise(self, examples) -> list[Example]:
+        if isinstance(examples, (ProteinChain, Example, Mapping)):
+            examples = [examples]
+        return [to_example(item) for item in examples]
+
+    def __call__(
+        self,
+        examples: Iterable[Any],
+        mask: bool = False,
+        seeds: Sequence[Any] | None = None,
+        return_tensors: str = "pt",
+    ) -> dict[str, Any]:
+        examples = self._normalise(examples)
+        if seeds is not None and len(seeds) != len(examples):
+            raise ValueError(f"got {len(seeds)} seeds for {len(examples)} examples")
+        rows = []
+        for number, example in enumerate(examples):
+            rng = np.random.default_rng(seeds[number]) if seeds is not None else self._rng
+            index = residue_index(example.residue_numbers, example.chain_lengths)
+            if self.max_length is not None and len(example) > self.max_length:
+                example, keep = crop(example, self.max_length, rng)
+                index = index[keep]
+            token_ids = self.encode_sequence(example.sequence)
+            rows.append((example, token_ids, index, rng))
+
+        width = max((len(e) for e, *_ in rows), default=0)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch_size = len(rows)
+        pad_id = self.tokenizer.pad_token_id
+        input_ids = np.full((batch_size, width), pad_id, dtype=np.int64)
+        coords = np.full((batch_size, width, 4, 3), np.nan, dtype=np.float32)
+        attention_mask = np.zeros((batch_size, width), dtype=np.int64)
+        index_array = np.zeros((batch_size, width), dtype=np.int64)
+        chain_array = np.full((batch_size, width), -1, dtype=np.int64)
+        labels = np.full((batch_size, width), IGNORE_INDEX, dtype=np.int64) if mask else None
+        for b, (example, token_ids, index, rng) in enumerate(rows):
+            length = len(example)
+            input_ids[b, :length] = token_ids
+            coords[b, :length] = example.coords
+            attention_mask[b, :length] = 1
+            index_array[b, :length] = index
+            chain_array[b, :length] = np.repeat(np.arange(len(example.chain_lengths)), example.chain_lengths)
+            if mask:
+                scorable = np.isfinite(example.coords).all(axis=(1, 2)) & np.isin(token_ids, self._scorable_ids)
+                input_ids[b, :length], labels[b, :length] = mask_chains(
+                    token_ids, scorable, example.chain_lengths, self.mask_range, rng,
+                    self.tokenizer.mask_token_id, self._scorable_ids)
+        batch = {
+            "input_ids": input_ids,
+            "coords": coords,
+            "attention_mask": attention_mask,
+            "residue_index": index_array,
+            "chain_index": chain_array,
+        }
+        if mask:
+            batch["labels"] = labels
+        if return_tensors == "pt":
+            batch = {key: torch.from_numpy(value) for key, value in batch.items()}
+        elif return_tensors != "np":
+            raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
+        return batch
+
+
+class StructureDataset(torch.utils.data.Dataset):
+    """A built split served as numpy rows, read in one batched call per batch.
+
+    Keys may be plain indices or ``(index, epoch)`` pairs from the training sampler; the pair travels to
+    the collator so that masks depend on (seed, epoch, example) and not on workers or batch boundaries.
+    """
+
+    def __init__(self, hf_dataset):
+        self.data = hf_dataset.with_format("numpy")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.asarray(self.data["length"])
+
+    def __getitems__(self, keys):
+        if not keys:
+            return []
+        pairs = [key if isinstance(key, tuple) else (int(key), None) for key in keys]
+        rows = self.data.__getitems__([index for index, _ in pairs])
+        for row, (index, epoch) in zip(rows, pairs):
+            row["_index"], row["_epoch"] = index, epoch
+        return rows
+
+    def __getitem__(self, key):
+        return self.__getitems__([key])[0]
+
+
+class MaskingCollator:
+    """The training / validation collate function: masks with seeds derived from (seed, epoch, example).
+
+    Validation rows carry no epoch, so their masks are the same at every evaluation and on any number of
+    ranks. An empty key list (padding that keeps validation batches a multiple of the ranks) gives None.
+    """
+
+    def __init__(self, processor: ProtMaskProcessor, seed: int = 0):
+        self.processor = processor
+        self.seed = seed
+
+    def __call__(self, rows):
+        if not rows:
+            return None
+        seeds = [(self.seed, int(r["_index"])) if r.get("_epoch") is None else (self.seed, int(r["_index"]), int(r["_epoch"]))
+                 for r in rows]
+        return self.processor(rows, mask=True, seeds=seeds)

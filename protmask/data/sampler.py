@@ -1,0 +1,131 @@
+"""Length-bucketed batches under a padded-token budget (or a fixed count), seeded, with `set_epoch`.
+
+The sampler yields the same global list of batches on every rank; Accelerate's `BatchSamplerShard` deals
+them out, so each rank gets the same number (the first batches are repeated to fill the last round).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+def padded(length: int, multiple: int | None) -> int:
+    return -(-length // multiple) * multiple if multiple else length
+
+
+class EpochOrder(Sampler[int]):
+    """Example order for one epoch: a seeded permutation, or 0..n-1 when not shuffling.
+
+    It is the batch sampler's ``.sampler`` so that Accelerate's ``set_epoch`` finds it.
+    """
+
+    def __init__(self, num_examples: int, shuffle: bool, seed: int):
+        self.num_examples, self.shuffle, self.seed, self.epoch = num_examples, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.num_examples))
+        return iter(np.random.default_rng((self.seed, self.epoch)).permutation(self.num_examples).tolist())
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+
+class LengthBucketBatchSampler(Sampler[list]):
+    """Batches of similar-length examples under ``max_tokens`` padded tokens and/or ``max_examples`` each.
+
+    With shuffling, each epoch permutes the examples, sorts them by length within buckets of about
+    ``bucket_batches`` batches (little padding, still random), cuts batches and shuffles the batch order.
+    Every example appears exactly once per epoch. Without shuffling (evaluation) examples go in length
+    order, and ``num_replicas`` pads the batch list with empty batches to a multiple of the ranks, so that
+    Accelerate need not repeat examples. ``tag_epoch`` yields ``(index, epoch)`` keys for epoch-seeded masks.
+    """
+
+    batch_size = None  # variable-size batches: Accelerate shards them whole, never splits them
+
+    def __init__(
+        self,
+        lengths,
+        max_tokens: int | None = None,
+        max_examples: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        pad_to_multiple_of: int | None = 8,
+        bucket_batches: int = 50,
+        num_replicas: int = 1,
+        tag_epoch: bool | None = None,
+    ):
+        if max_tokens is None and max_examples is None:
+            raise ValueError("give max_tokens (a padded-token budget) or max_examples (a batch size), or both")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.max_tokens, self.max_examples = max_tokens, max_examples
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.bucket_batches = bucket_batches
+        self.num_replicas = num_replicas
+        self.shuffle, self.seed = shuffle, seed
+        self.tag_epoch = shuffle if tag_epoch is None else tag_epoch
+        self.sampler = EpochOrder(len(self.lengths), shuffle, seed)
+        self.drop_last = False
+        if max_tokens is not None and len(self.lengths):
+            longest = padded(int(self.lengths.max()), pad_to_multiple_of)
+            if longest > max_tokens:
+                raise ValueError(
+                    f"the token budget {max_tokens} is smaller than the longest example ({longest} padded tokens); "
+                    "raise --max_tokens_per_batch or crop with --max_length"
+                )
+        self._cache: tuple[int, list[list[int]]] | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def _cut(self, order) -> list[list[int]]:
+        batches, current, longest = [], [], 0
+        for index in order:
+            width = padded(max(longest, int(self.lengths[index])), self.pad_to_multiple_of)
+            full = (self.max_examples is not None and len(current) >= self.max_examples) or (
+                self.max_tokens is not None and (len(current) + 1) * width > self.max_tokens)
+            if current and full:
+                batches.append(current)
+                current, longest = [], 0
+            current.append(int(index))
+            longest = max(longest, int(self.lengths[index]))
+        if current:
+            batches.append(current)
+        return batches
+
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches (computed once per epoch)."""
+        if self._cache is not None and self._cache[0] == self.epoch:
+            return self._cache[1]
+        order = np.fromiter(iter(self.sampler), dtype=np.int64, count=len(self.lengths))
+        if not self.shuffle:
+            batches = self._cut(order[np.argsort(-self.lengths[order], kind="stable")])
+        else:
+            per_batch = self.max_examples or max(1, self.max_tokens // max(1, int(np.median(self.lengths))))
+            bucket = max(1, per_batch * self.bucket_batches)
+            batches = []
+            for start in range(0, len(order), bucket):
+                chunk = order[start:start + bucket]
+                batches += self._cut(chunk[np.argsort(-self.lengths[chunk], kind="stable")])
+            rng = np.random.default_rng((self.seed, self.epoch, 1))
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        if self.num_replicas > 1 and len(batches) % self.num_replicas:
+            batches += [[] for _ in range(self.num_replicas - len(batches) % self.num_replicas)]
+        self._cache = (self.epoch, batches)
+        return batches
+
+    def __iter__(self):
+        epoch = self.epoch
+        for batch in self.batches():
+            yield [(index, epoch) for index in batch] if self.tag_epoch else list(batch)
+
+    def __len__(self) -> int:
+        return len(self.batches())

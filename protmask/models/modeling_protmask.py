@@ -1,0 +1,372 @@
+"""`ProtMaskModel` and `ProtMaskForMaskedLM`: a message-passing structure encoder over a k-nearest-neighbour
+backbone graph and a decoder that predicts hidden residues from structure and the visible sequence.
+
+Top to bottom: geometry helpers, `BackboneFeatures` (coordinates → graph and edge states), `EncoderLayer`,
+`DecoderLayer`, the `PreTrainedModel` base, the bare model and the masked-LM head.
+
+Speed: every message of ProteinMPNN is an MLP over the concatenation [h_i, h_ij, h_j] (3H inputs per edge).
+Its first linear layer is a sum of three projections, so here each node state is projected once per node
+and only the projection is gathered onto its k edges; the last linear layer of the node message commutes
+with the sum over neighbours, so it runs once per node, not once per edge. That is 5H² multiply-adds per
+edge per encoder layer instead of 10H², and 2H² per decoder layer instead of 6H², with the same functions
+representable. Geometry is computed on the k neighbours only, never as L×L per atom pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MaskedLMOutput
+from transformers.utils import ModelOutput
+
+from .configuration_protmask import ProtMaskConfig
+
+# Ideal-geometry coefficients for the virtual CB from N, CA, C (as in ProteinMPNN and trRosetta).
+_CB_A, _CB_B, _CB_C = -0.58273431, 0.56802827, -0.54067466
+NUM_ATOM_TYPES = 5  # N, CA, C, O and the virtual CB
+
+
+def gather_neighbors(values: torch.Tensor, neighbor_index: torch.Tensor) -> torch.Tensor:
+    """``values[b, neighbor_index[b, i, k]]``: ``[B, L, *F]`` at ``[B, L, K]`` → ``[B, L, K, *F]``."""
+    batch, length, k = neighbor_index.shape
+    flat = neighbor_index.reshape(batch, length * k)
+    feature_shape = values.shape[2:]
+    index = flat.view(batch, length * k, *([1] * len(feature_shape))).expand(batch, length * k, *feature_shape)
+    return values.gather(1, index).view(batch, length, k, *feature_shape)
+
+
+def edge_message_input(edge_states, edge_weight, self_projection, neighbor_projection, neighbor_index):
+    """``edge_states @ edge_weightᵀ + self_projection[i] + neighbor_projection[j]`` for every edge.
+
+    The first layer of a message MLP over [h_i, h_ij, h_j], computed without the concatenation: node terms
+    are projected once per node, gathered onto edges, and the edge GEMM accumulates onto them (addmm), so
+    no [B, L, K, 3H] tensor and no separate elementwise sums are made.
+    """
+    summed = gather_neighbors(neighbor_projection, neighbor_index)
+    summed += self_projection[:, :, None]  # in place: gather needs neither its input nor output to backpropagate
+    hidden = edge_states.shape[-1]
+    summed.view(-1, summed.shape[-1]).addmm_(edge_states.reshape(-1, hidden), edge_weight.t())
+    return summed
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0, reduction: str = "mean"):
+    """Cross-entropy over positions whose label is not -100, in float32 whatever the logits' dtype.
+
+    ``reduction="sum"`` lets a caller normalise by a count it knows better (the trainer divides by the
+    masked residues of the whole global batch). With no scored position the loss is 0, not NaN.
+    """
+    scored = labels != -100
+    if not bool(scored.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(
+        logits[scored].float(), labels[scored], label_smoothing=label_smoothing, reduction=reduction
+    )
+
+
+@dataclass
+class StructureEncoding(ModelOutput):
+    """What the encoder computed from a backbone, reusable across decoder passes (iterative design).
+
+    node_states: ``[B, L, H]``; edge_states: ``[B, L, K, H]``; neighbor_index: ``[B, L, K]``;
+    node_mask: ``[B, L]`` (float, 1 where the residue has a complete backbone);
+    edge_mask: ``[B, L, K]`` (float, 1 where both ends are such residues).
+    """
+
+    node_states: torch.Tensor | None = None
+    edge_states: torch.Tensor | None = None
+    neighbor_index: torch.Tensor | None = None
+    node_mask: torch.Tensor | None = None
+    edge_mask: torch.Tensor | None = None
+
+
+@dataclass
+class ProtMaskModelOutput(ModelOutput):
+    """last_hidden_state: decoder output ``[B, L, H]``; structure: the encoder's `StructureEncoding`."""
+
+    last_hidden_state: torch.Tensor | None = None
+    structure: StructureEncoding | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class BackboneFeatures(nn.Module):
+    """Backbone coordinates → k-nearest-neighbour graph, edge states and masks.
+
+    Edge features: radial basis functions of the 25 distances between the N, CA, C, O and virtual CB atoms
+    of a residue and its neighbour, plus an embedding of their relative sequence position (clipped to
+    ±max_relative_position, with one class for "different chain").
+    """
+
+    def __init__(self, config: ProtMaskConfig):
+        super().__init__()
+        self.num_neighbors = config.num_neighbors
+        self.num_rbf = config.num_rbf
+        self.rbf_min, self.rbf_max = config.rbf_min, config.rbf_max
+        self.max_relative_position = config.max_relative_position
+        self.backbone_noise = config.backbone_noise
+        self.rbf_projection = nn.Linear(NUM_ATOM_TYPES * NUM_ATOM_TYPES * config.num_rbf, config.hidden_dim, bias=False)
+        self.position_embedding = nn.Embedding(2 * config.max_relative_position + 2, config.hidden_dim)
+        self.norm = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
+        self.edge_input = nn.Linear(config.hidden_dim, config.hidden_dim)
+
+    def forward(self, coords, attention_mask, residue_index, chain_index):
+        # Geometry in float32 even under autocast: bf16 distances would blur the neighbour ranking.
+        with torch.autocast(device_type=coords.device.type, enabled=False):
+            coords = coords.float()
+            node_mask = attention_mask.bool() & torch.isfinite(coords).all(dim=-1).all(dim=-1)
+            coords = torch.where(node_mask[..., None, None], coords, torch.zeros_like(coords))
+            if self.training and self.backbone_noise > 0:
+                coords = coords + self.backbone_noise * torch.randn_like(coords) * node_mask[..., None, None]
+            n, ca, c, o = coords.unbind(dim=-2)
+            b, cc = ca - n, c - ca
+            cb = _CB_A * torch.cross(b, cc, dim=-1) + _CB_B * b + _CB_C * cc + ca
+            atoms = torch.stack([n, ca, c, o, cb], dim=-2)  # [B, L, 5, 3]
+
+            length = coords.shape[1]
+            k = min(self.num_neighbors, length)
+            distance = torch.cdist(ca, ca, compute_mode="donot_use_mm_for_euclid_dist")
+            distance = distance.masked_fill(~node_mask[:, None, :], float("inf"))
+            neighbor_distance, neighbor_index = distance.topk(k, dim=-1, largest=False)
+            edge_mask = node_mask[:, :, None] & torch.isfinite(neighbor_distance)
+
+            neighbor_atoms = gather_neighbors(atoms, neighbor_index)  # [B, L, K, 5, 3]
+            delta = atoms[:, :, None, :, None, :] - neighbor_atoms[:, :, :, None, :, :]
+            pair_distance = (delta.square().sum(-1) + 1e-6).sqrt().flatten(-2)  # [B, L, K, 25]
+            centers = torch.linspace(self.rbf_min, self.rbf_max, self.num_rbf, device=coords.device)
+            width = (self.rbf_max - self.rbf_min) / self.num_rbf
+            rbf = torch.exp(-(((pair_distance[..., None] - centers) / width) ** 2)).flatten(-2)  # [B, L, K, 400]
+
+        offset = residue_index[:, :, None] - gather_neighbors(residue_index, neighbor_index)
+        same_chain = chain_index[:, :, None] == gather_neighbors(chain_index, neighbor_index)
+        m = self.max_relative_position
+        relative = torch.where(same_chain, offset.clamp(-m, m) + m, torch.full_like(offset, 2 * m + 1))
+        edges = self.rbf_projection(rbf.to(self.rbf_projection.weight.dtype)) + self.position_embedding(relative)
+        edges = self.edge_input(self.norm(edges))
+        dtype = edges.dtype
+        return edges, neighbor_index, node_mask.to(dtype), edge_mask.to(dtype)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ProtMaskConfig):
+        super().__init__()
+        self.up = nn.Linear(config.hidden_dim, config.hidden_dim * config.ff_multiplier)
+        self.down = nn.Linear(config.hidden_dim * config.ff_multiplier, config.hidden_dim)
+
+    def forward(self, hidden):
+        return self.down(F.gelu(self.up(hidden)))
+
+
+class EncoderLayer(GradientCheckpointingLayer):
+    """Update node states from their edges, then edge states from their two updated nodes."""
+
+    def __init__(self, config: ProtMaskConfig):
+        super().__init__()
+        hidden = config.hidden_dim
+        self.scale = config.message_scale
+        # Message inputs: [h_i, h_ij, h_j] → hidden, as three projections (see `edge_message_input`);
+        # the bias sits on the per-node self projection.
+        self.node_edge = nn.Linear(hidden, hidden, bias=False)
+        self.node_self = nn.Linear(hidden, hidden)
+        self.node_neighbor = nn.Linear(hidden, hidden, bias=False)
+        self.node_message = nn.Linear(hidden, hidden)
+        self.node_output = nn.Linear(hidden, hidden)
+        self.edge_edge = nn.Linear(hidden, hidden, bias=False)
+        self.edge_self = nn.Linear(hidden, hidden)
+        self.edge_neighbor = nn.Linear(hidden, hidden, bias=False)
+        self.edge_message = nn.Linear(hidden, hidden)
+        self.edge_output = nn.Linear(hidden, hidden)
+        self.feed_forward = FeedForward(config)
+        self.node_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.ff_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.edge_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, node_states, edge_states, neighbor_index, node_mask, edge_mask):
+        message = edge_message_input(edge_states, self.node_edge.weight, self.node_self(node_states),
+                                     self.node_neighbor(node_states), neighbor_index)
+        message = F.gelu(self.node_message(F.gelu(message)))
+        # The message MLP's last linear layer commutes with the sum over neighbours: apply it once per node.
+        summed = torch.einsum("blkh,blk->blh", message, edge_mask)
+        node_states = self.node_norm(node_states + self.dropout(self.node_output(summed) / self.scale))
+        node_states = self.ff_norm(node_states + self.dropout(self.feed_forward(node_states)))
+        node_states = node_states * node_mask[..., None]
+
+        message = edge_message_input(edge_states, self.edge_edge.weight, self.edge_self(node_states),
+                                     self.edge_neighbor(node_states), neighbor_index)
+        message = self.edge_output(F.gelu(self.edge_message(F.gelu(message))))
+        edge_states = self.edge_norm(edge_states + self.dropout(message))
+        return node_states, edge_states
+
+
+class DecoderLayer(GradientCheckpointingLayer):
+    """Update node states from each neighbour's structure edge, decoder state and (masked) residue."""
+
+    def __init__(self, config: ProtMaskConfig):
+        super().__init__()
+        hidden = config.hidden_dim
+        self.scale = config.message_scale
+        self.node_edge = nn.Linear(hidden, hidden, bias=False)
+        self.node_self = nn.Linear(hidden, hidden)
+        self.node_neighbor = nn.Linear(2 * hidden, hidden, bias=False)  # [state, residue embedding] of j
+        self.message = nn.Linear(hidden, hidden)
+        self.output = nn.Linear(hidden, hidden)
+        self.feed_forward = FeedForward(config)
+        self.node_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.ff_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, node_states, edge_states, sequence_states, neighbor_index, node_mask, edge_mask):
+        neighbor = self.node_neighbor(torch.cat([node_states, sequence_states], dim=-1))
+        message = edge_message_input(edge_states, self.node_edge.weight, self.node_self(node_states), neighbor,
+                                     neighbor_index)
+        message = F.gelu(self.message(F.gelu(message)))
+        summed = torch.einsum("blkh,blk->blh", message, edge_mask)
+        node_states = self.node_norm(node_states + self.dropout(self.output(summed) / self.scale))
+        node_states = self.ff_norm(node_states + self.dropout(self.feed_forward(node_states)))
+        return node_states * node_mask[..., None]
+
+
+class ProtMaskPreTrainedModel(PreTrainedModel):
+    config_class = ProtMaskConfig
+    config: ProtMaskConfig
+    base_model_prefix = "protmask"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["EncoderLayer", "DecoderLayer"]
+
+    def _init_weights(self, module):
+        # Glorot-uniform weights, as ProteinMPNN: message MLPs on summed projections train stably with it.
+        if isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.xavier_uniform_(module.weight)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+class ProtMaskModel(ProtMaskPreTrainedModel):
+    """The structure encoder and sequence decoder, without an output head."""
+
+    def __init__(self, config: ProtMaskConfig):
+        super().__init__(config)
+        self.features = BackboneFeatures(config)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_encoder_layers))
+        self.sequence_embedding = nn.Embedding(config.vocab_size, config.hidden_dim, padding_idx=config.pad_token_id)
+        self.decoder_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_decoder_layers))
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.sequence_embedding
+
+    def set_input_embeddings(self, value):
+        self.sequence_embedding = value
+
+    @staticmethod
+    def _defaults(coords, attention_mask, residue_index, chain_index):
+        batch, length = coords.shape[:2]
+        device = coords.device
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, length, dtype=torch.long, device=device)
+        if residue_index is None:
+            residue_index = torch.arange(length, device=device).expand(batch, length)
+        if chain_index is None:
+            chain_index = torch.zeros(batch, length, dtype=torch.long, device=device)
+        return attention_mask, residue_index.long(), chain_index.long()
+
+    def encode_structure(self, coords, attention_mask=None, residue_index=None, chain_index=None) -> StructureEncoding:
+        """Run the structure encoder once; the result can be decoded many times with different sequences."""
+        attention_mask, residue_index, chain_index = self._defaults(coords, attention_mask, residue_index, chain_index)
+        edge_states, neighbor_index, node_mask, edge_mask = self.features(
+            coords, attention_mask, residue_index, chain_index)
+        node_states = edge_states.new_zeros(edge_states.shape[0], edge_states.shape[1], edge_states.shape[-1])
+        for layer in self.encoder_layers:
+            node_states, edge_states = layer(node_states, edge_states, neighbor_index, node_mask, edge_mask)
+        return StructureEncoding(node_states=node_states, edge_states=edge_states, neighbor_index=neighbor_index,
+                                 node_mask=node_mask, edge_mask=edge_mask)
+
+    def decode(self, input_ids, structure: StructureEncoding, output_hidden_states: bool = False):
+        sequence_states = self.sequence_embedding(input_ids).to(structure.node_states.dtype)
+        hidden = structure.node_states
+        all_states = [hidden] if output_hidden_states else None
+        for layer in self.decoder_layers:
+            hidden = layer(hidden, structure.edge_states, sequence_states, structure.neighbor_index,
+                           structure.node_mask, structure.edge_mask)
+            if output_hidden_states:
+                all_states.append(hidden)
+        return hidden, (tuple(all_states) if output_hidden_states else None)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        coords: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        residue_index: torch.Tensor | None = None,
+        chain_index: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ProtMaskModelOutput:
+        structure = self.encode_structure(coords, attention_mask, residue_index, chain_index)
+        hidden, all_states = self.decode(input_ids, structure, bool(output_hidden_states))
+        return ProtMaskModelOutput(last_hidden_state=hidden, structure=structure, hidden_states=all_states)
+
+
+class ProtMaskForMaskedLM(ProtMaskPreTrainedModel):
+    """`ProtMaskModel` with a linear head over the vocabulary. ``model(**batch)`` → `MaskedLMOutput`."""
+
+    def __init__(self, config: ProtMaskConfig):
+        super().__init__(config)
+        self.protmask = ProtMaskModel(config)
+        self.lm_head = nn.Linear(config.hidden_dim, config.vocab_size)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        coords: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        residue_index: torch.Tensor | None = None,
+        chain_index: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MaskedLMOutput:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch, length)`): the sequence, with hidden residues as `<mask>`.
+        coords (`torch.FloatTensor` of shape `(batch, length, 4, 3)`): N, CA, C, O in Å; NaN where missing.
+        attention_mask (`(batch, length)`): 1 for residues, 0 for padding.
+        residue_index (`(batch, length)`): position along the chain (gaps allowed); chain_index: chain number.
+        labels (`(batch, length)`): true residue ids where scored, -100 elsewhere.
+        """
+        outputs = self.protmask(input_ids, coords, attention_mask, residue_index, chain_index,
+                                output_hidden_states=output_hidden_states)
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = masked_lm_loss(logits, labels, self.config.label_smoothing)
+        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+    def logits_from_structure(self, input_ids, structure: StructureEncoding) -> torch.Tensor:
+        """Logits for a sequence given an encoding from `self.protmask.encode_structure` (design reuses it)."""
+        hidden, _ = self.protmask.decode(input_ids, structure)
+        return self.lm_head(hidden)
+
+
+__all__ = ["ProtMaskPreTrainedModel", "ProtMaskModel", "ProtMaskForMaskedLM", "masked_lm_loss"]
