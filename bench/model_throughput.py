@@ -116,7 +116,7 @@ def run_worker(spec: dict) -> dict:
                                 num_decoder_layers=3, backbone_noise=0.02)
         model = ProtMaskForMaskedLM(config).to(device)
         if variant == "protmask_checkpointing":
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
 
         def loss_of(batch):
             return model(**batch).loss

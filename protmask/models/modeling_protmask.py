@@ -51,7 +51,9 @@ def edge_message_input(edge_states, edge_weight, self_projection, neighbor_proje
     summed = gather_neighbors(neighbor_projection, neighbor_index)
     summed += self_projection[:, :, None]  # in place: gather needs neither its input nor output to backpropagate
     hidden = edge_states.shape[-1]
-    summed.view(-1, summed.shape[-1]).addmm_(edge_states.reshape(-1, hidden), edge_weight.t())
+    # In place, so autocast does not cast for us: match the projections' dtype.
+    summed.view(-1, summed.shape[-1]).addmm_(edge_states.reshape(-1, hidden).to(summed.dtype),
+                                              edge_weight.t().to(summed.dtype))
     return summed
 
 
