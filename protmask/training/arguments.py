@@ -73,3 +73,110 @@ def build_options(args):
         cluster_file=args.cluster_file,
         seed=args.seed,
     )
+
+
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+              "inverse_sqrt")
+
+
+def checkpointing_steps(text: str):
+    if text == "epoch":
+        return text
+    try:
+        return positive_int(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"must be a positive number of steps or 'epoch', got {text}") from None
+
+
+def report_to(text: str) -> list[str]:
+    choices = {"tensorboard", "wandb", "all", "none"}
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in choices]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"must be tensorboard, wandb, all or none (comma-separated), got {text}")
+    if "none" in values:
+        return []
+    if "all" in values:
+        return ["tensorboard", "wandb"]
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_accelerate.py",
+        description="Train ProtMaskForMaskedLM on structure files with Hugging Face Accelerate. The same command "
+                    "runs under python, accelerate launch and torchrun, on CPU, one GPU or many.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_data_arguments(parser)
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--hidden_dim", type=positive_int, default=256, help="node and edge state width")
+    model.add_argument("--num_encoder_layers", type=non_negative_int, default=3, help="structure encoder layers")
+    model.add_argument("--num_decoder_layers", type=non_negative_int, default=3, help="sequence decoder layers")
+    model.add_argument("--num_neighbors", type=positive_int, default=48, help="k nearest neighbours per residue (CA)")
+    model.add_argument("--dropout", type=fraction, default=0.1, help="dropout on residual updates")
+    model.add_argument("--backbone_noise", type=float, default=0.02,
+                       help="std (Å) of Gaussian noise added to coordinates in training")
+    model.add_argument("--mask_ratio", type=fraction, default=0.15, help="fraction of each chain's residues hidden")
+    model.add_argument("--mask_ratio_max", type=fraction, default=None,
+                       help="draw each chain's mask ratio uniformly from [--mask_ratio, this]; 1.0 trains for "
+                            "whole-sequence design as well as fill-in")
+    model.add_argument("--label_smoothing", type=fraction, default=0.0, help="label smoothing of the loss")
+    model.add_argument("--model_name_or_path", default=None,
+                       help="start from a saved protmask model folder (then the architecture flags are ignored)")
+    model.add_argument("--gradient_checkpointing", action="store_true",
+                       help="recompute layer activations in the backward pass: less memory, ~20-35%% slower")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=positive_int, default=50, help="passes over the training split")
+    train.add_argument("--batch_size", type=positive_int, default=8,
+                       help="examples per device per step (global batch = this × processes × accumulation)")
+    train.add_argument("--max_tokens_per_batch", type=positive_int, default=None,
+                       help="padded-token budget per device per step, with length-bucketed batches; caps "
+                            "--batch_size examples too when both are given")
+    train.add_argument("--max_length", type=positive_int, default=None,
+                       help="crop longer examples to this many residues (a contiguous window; a spatial crop "
+                            "for complexes)")
+    train.add_argument("--learning_rate", type=float, default=1e-4, help="base learning rate (before scaling)")
+    train.add_argument("--lr_scaling", choices=("none", "linear", "sqrt"), default="linear",
+                       help="multiply the base LR by the number of processes (linear) or its square root")
+    train.add_argument("--lr_scheduler_type", choices=SCHEDULERS, default="constant",
+                       help="transformers' get_scheduler type (constant keeps the guide's fixed LR)")
+    train.add_argument("--warmup_steps", type=non_negative_int, default=0, help="LR warm-up, in optimizer steps")
+    train.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on biases/norms)")
+    train.add_argument("--gradient_accumulation_steps", type=positive_int, default=1,
+                       help="batches per optimizer step on each device")
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="clip gradients to this norm (0: no clipping)")
+    train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                       help="autocast precision (default: what accelerate launch / its config says, else no)")
+    train.add_argument("--num_workers", type=non_negative_int, default=4, help="data-loader worker processes")
+    train.add_argument("--max_train_steps", type=positive_int, default=None,
+                       help="stop after this many optimizer steps (overrides --epochs)")
+    train.add_argument("--eval_steps", type=positive_int, default=None,
+                       help="validate every N optimizer steps (always at the end of each epoch)")
+    train.add_argument("--logging_steps", type=positive_int, default=10, help="log training metrics every N steps")
+    train.add_argument("--checkpointing_steps", type=checkpointing_steps, default="epoch",
+                       help="save a resumable checkpoint every N steps, or each 'epoch'")
+    train.add_argument("--save_total_limit", type=positive_int, default=None,
+                       help="keep only the newest N resumable checkpoints")
+    train.add_argument("--resume_from_checkpoint", default=None,
+                       help="a checkpoint folder, or 'latest' for the newest complete one in --save_dir")
+    train.add_argument("--save_dir", default="checkpoints", help="where checkpoints, final/ and best/ go")
+    train.add_argument("--report_to", type=report_to, default=[],
+                       help="trackers: tensorboard, wandb, all or none (metrics.jsonl is always written)")
+    train.add_argument("--max_nonfinite_steps", type=positive_int, default=20,
+                       help="stop after this many consecutive steps with a non-finite loss")
+    train.add_argument("--process_group_timeout", type=positive_int, default=7200,
+                       help="seconds ranks wait for each other (the dataset build happens inside this wait)")
+    train.add_argument("--torch_threads", type=positive_int, default=None,
+                       help="CPU threads per process (default: cores ÷ processes on this machine)")
+
+    hub = parser.add_argument_group("hub")
+    hub.add_argument("--push_to_hub", action="store_true", help="push final/ with its model card at the end")
+    hub.add_argument("--hub_model_id", default=None, help="repository name on the Hub, e.g. user/protmask-small")
+
+    legacy = parser.add_argument_group("accepted from older command lines (no effect)")
+    legacy.add_argument("--ddp", action="store_true", help=argparse.SUPPRESS)
+    legacy.add_argument("--master_port", type=int, default=None, help=argparse.SUPPRESS)
+    return parser

@@ -1,0 +1,65 @@
+"""Token-weighted masked-LM metrics (NLL, perplexity, accuracy) and per-chain recovery, summed per rank and
+reduced across ranks once."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+class MaskedLMStats:
+    """Running sums over scored positions; `reduce` adds them across ranks in one collective.
+
+    Loss, perplexity and accuracy are token-weighted (every scored residue counts once, as ProteinMPNN and
+    ESM report). Recovery is per chain (each chain's fraction of correctly predicted scored residues),
+    averaged over chains: long chains do not dominate it.
+    """
+
+    FIELDS = ("loss_sum", "tokens", "correct", "chain_recovery_sum", "chains")
+
+    def __init__(self, device="cpu"):
+        self.sums = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device)
+        self.chain_recoveries: list[float] = []
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, chain_index: torch.Tensor,
+               label_smoothing: float = 0.0) -> None:
+        scored = labels != IGNORE_INDEX
+        if not bool(scored.any()):
+            return
+        loss = F.cross_entropy(logits[scored].float(), labels[scored], reduction="sum", label_smoothing=label_smoothing)
+        hits = (logits.argmax(-1) == labels) & scored
+        # Per chain: one id per (example, chain) pair.
+        chain_id = torch.arange(labels.shape[0], device=labels.device)[:, None] * (int(chain_index.max()) + 2) + (
+            chain_index + 1)
+        ids, inverse = torch.unique(chain_id[scored], return_inverse=True)
+        per_chain_tokens = torch.zeros(len(ids), device=labels.device).index_add_(0, inverse, torch.ones_like(inverse, dtype=torch.float))
+        per_chain_hits = torch.zeros(len(ids), device=labels.device).index_add_(0, inverse, hits[scored].float())
+        recovery = per_chain_hits / per_chain_tokens
+        self.chain_recoveries += recovery.tolist()
+        self.sums += torch.tensor(
+            [float(loss), float(scored.sum()), float(hits.sum()), float(recovery.sum()), float(len(ids))],
+            dtype=torch.float64, device=self.sums.device)
+
+    def reduce(self, accelerator=None) -> dict:
+        sums = accelerator.reduce(self.sums, reduction="sum") if accelerator is not None else self.sums
+        return summarize(sums.tolist())
+
+
+def summarize(sums) -> dict:
+    loss_sum, tokens, correct, recovery_sum, chains = sums
+    if tokens == 0:
+        return {"loss": float("nan"), "perplexity": float("nan"), "accuracy": float("nan"),
+                "recovery": float("nan"), "tokens": 0, "chains": 0}
+    loss = loss_sum / tokens
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "accuracy": correct / tokens,
+        "recovery": recovery_sum / chains if chains else float("nan"),
+        "tokens": int(tokens),
+        "chains": int(chains),
+    }

@@ -1,0 +1,267 @@
+"""train_accelerate.py end to end on CPU: real ranks, resume, kills, uneven data, schedules, flags."""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from protmask.training.arguments import build_parser
+from protmask.training.loop import effective_learning_rate, list_checkpoints
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = str(ROOT / "train_accelerate.py")
+BIN = Path(sys.executable).parent
+TINY = ["--hidden_dim", "32", "--num_encoder_layers", "1", "--num_decoder_layers", "1", "--num_neighbors", "16",
+        "--max_length", "128", "--num_workers", "0", "--logging_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, sample_build):
+    """Training runs reuse the session's sample build (same inputs and options → same cache)."""
+    return str(sample_build.path.parent)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, launcher=None, env=None, timeout=240, check=True):
+    """Run the script as a user would: plain python, accelerate launch or torchrun."""
+    prefix = {
+        None: [sys.executable, SCRIPT],
+        "accelerate": [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
+                       "--main_process_port", str(free_port()), SCRIPT],
+        "torchrun": [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), SCRIPT],
+    }[launcher]
+    environment = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    done = subprocess.run(prefix + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                          env=environment, cwd=ROOT)
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+def records(save_dir, split):
+    lines = (Path(save_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def weights(save_dir, folder="final"):
+    return load_file(str(Path(save_dir) / folder / "model.safetensors"))
+
+
+def max_difference(a, b):
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_two_ranks_equal_one_rank_with_the_same_global_batch(cache, tmp_path):
+    # Deterministic model (no dropout, no noise). Two ranks each take one token-budget batch per step; one rank
+    # with two accumulation steps takes the same two batches. The loss is the mean over the global batch's
+    # masked residues in both, so the updates agree up to float summation order.
+    common = TINY + ["--cache_dir", cache, "--max_tokens_per_batch", "1024", "--dropout", "0", "--backbone_noise", "0",
+                     "--lr_scaling", "none", "--learning_rate", "1e-3", "--max_train_steps", "2"]
+    two = launch(common + ["--save_dir", tmp_path / "two"], launcher="accelerate")
+    assert "world size: 2 process(es)" in two.stdout and "device: cpu" in two.stdout
+    launch(common + ["--save_dir", tmp_path / "one", "--gradient_accumulation_steps", "2"])
+    final = json.loads((tmp_path / "two" / "final_metrics.json").read_text())
+    assert final["ranks"] == 2 and final["ranks_in_sync"] is True
+    assert max_difference(weights(tmp_path / "two"), weights(tmp_path / "one")) < 1e-5
+    # The same validation examples and masks were scored, each exactly once.
+    a, b = records(tmp_path / "two", "validation")[-1], records(tmp_path / "one", "validation")[-1]
+    assert (a["tokens"], a["chains"]) == (b["tokens"], b["chains"])
+    assert abs(a["loss"] - b["loss"]) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cache, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("uninterrupted")
+    launch(TINY + ["--cache_dir", cache, "--max_tokens_per_batch", "1024", "--checkpointing_steps", "2",
+                   "--max_train_steps", "7", "--save_dir", save_dir])
+    return save_dir
+
+
+RESUME = TINY + ["--max_tokens_per_batch", "1024", "--checkpointing_steps", "2"]
+
+
+def test_resume_continues_exactly(cache, uninterrupted, tmp_path):
+    # Dropout and backbone noise are on: only restored RNG state, sampler epoch and batch offset make this exact.
+    launch(RESUME + ["--cache_dir", cache, "--max_train_steps", "4", "--save_dir", tmp_path])
+    resumed = launch(RESUME + ["--cache_dir", cache, "--max_train_steps", "7", "--save_dir", tmp_path,
+                               "--resume_from_checkpoint", "latest"])
+    assert "resumed from" in resumed.stdout and "checkpoint-00000004" in resumed.stdout
+    assert max_difference(weights(tmp_path), weights(uninterrupted)) == 0.0
+    # The epoch boundary (5 batches an epoch here) was crossed after resuming.
+    assert records(tmp_path, "train")[-1]["epoch"] == 1
+
+
+def test_sigkill_resumes_from_last_complete_checkpoint(cache, uninterrupted, tmp_path):
+    command = [sys.executable, SCRIPT] + RESUME + ["--cache_dir", cache, "--max_train_steps", "100000",
+                                                   "--save_dir", str(tmp_path)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while not (tmp_path / "checkpoint-00000004").is_dir() and time.time() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "checkpoint-00000004").is_dir(), "no checkpoint appeared"
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    # Whatever the kill interrupted, every listed checkpoint is complete; half-written ones are .tmp folders.
+    for checkpoint in list_checkpoints(tmp_path):
+        assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "model.safetensors").is_file()
+    newest = list_checkpoints(tmp_path)[-1]
+    if int(newest.name.split("-")[1]) > 7:
+        pytest.skip("the killed run had already passed step 7")
+    launch(RESUME + ["--cache_dir", cache, "--max_train_steps", "7", "--save_dir", tmp_path,
+                     "--resume_from_checkpoint", "latest"])
+    assert max_difference(weights(tmp_path), weights(uninterrupted)) == 0.0
+
+
+def test_uneven_data_torchrun_schedule_and_exactly_once_validation(sample_dir, tmp_path):
+    # 7 validation entries over 2 ranks, token-budget batches whose count does not divide by the ranks,
+    # a warm-up then linear decay, linear LR scaling: launched with torchrun.
+    cache = str(tmp_path / "cache")
+    common = TINY + ["--cache_dir", cache, "--validation_fraction", "0.15", "--max_tokens_per_batch", "768",
+                     "--lr_scheduler_type", "linear", "--warmup_steps", "3", "--max_train_steps", "8",
+                     "--learning_rate", "1e-3", "--eval_steps", "4"]
+    two = launch(common + ["--save_dir", tmp_path / "two"], launcher="torchrun", timeout=300)
+    one = launch(common + ["--save_dir", tmp_path / "one", "--ddp", "--master_port", "1234"])
+    assert "learning rate: 0.001 × 2 (linear scaling over 2 processes) = 0.002" in two.stdout
+    assert "--ddp is no longer needed" in one.stdout and "--main_process_port 1234" in one.stdout
+
+    for save_dir, base in ((tmp_path / "one", 1e-3), (tmp_path / "two", 2e-3)):
+        learning_rates = {r["step"]: r["learning_rate"] for r in records(save_dir, "train")}
+        for step in range(1, 9):
+            expected = base * (step / 3 if step < 3 else max(0.0, (8 - step) / (8 - 3)))
+            assert learning_rates[step] == pytest.approx(expected, rel=1e-6, abs=1e-12), (save_dir.name, step)
+
+    # Validation: every example once, with the same fixed masks, on 1 and 2 ranks.
+    from protmask.data.build import build_dataset
+    from protmask.data.collator import MaskingCollator, ProtMaskProcessor, StructureDataset
+    from protmask.training.arguments import build_options
+
+    args = build_parser().parse_args(common)
+    validation = build_dataset(sample_dir, cache, build_options(args), log=lambda *a: None).dataset["validation"]
+    assert len(validation) % 2 == 1
+    dataset = StructureDataset(validation)
+    batch = MaskingCollator(ProtMaskProcessor(max_length=128), seed=0)(dataset.__getitems__(list(range(len(dataset)))))
+    scored = batch["labels"] != -100
+    expected_tokens = int(scored.sum())
+    expected_chains = sum(len(batch["chain_index"][b][scored[b]].unique()) for b in range(len(dataset)))
+    for save_dir in (tmp_path / "one", tmp_path / "two"):
+        for record in records(save_dir, "validation"):
+            assert (record["tokens"], record["chains"]) == (expected_tokens, expected_chains)
+
+
+def test_two_machines_on_one_host(cache, tmp_path):
+    port = free_port()
+    processes = []
+    for rank in (0, 1):
+        command = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+                   "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                   SCRIPT] + TINY + ["--cache_dir", cache, "--max_train_steps", "3", "--max_tokens_per_batch", "1024",
+                                     "--save_dir", str(tmp_path)]
+        processes.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert all(p.returncode == 0 for p in processes), outputs[0][-3000:] + outputs[1][-3000:]
+    assert "world size: 2 process(es) on 2 machine(s)" in outputs[0]
+    final = json.loads((tmp_path / "final_metrics.json").read_text())
+    assert final["ranks"] == 2 and final["ranks_in_sync"] and final["global_step"] == 3
+
+
+def test_final_model_loads_and_reproduces_validation_loss(uninterrupted, sample_build):
+    import protmask  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoModelForMaskedLM
+
+    from protmask.data.collator import MaskingCollator, ProtMaskProcessor, StructureDataset
+    from protmask.metrics import MaskedLMStats
+
+    model = AutoModelForMaskedLM.from_pretrained(uninterrupted / "final")
+    final = json.loads((uninterrupted / "final_metrics.json").read_text())
+    card = (uninterrupted / "final" / "README.md").read_text()
+    assert "validation_loss" in card and "hidden_dim" in card
+    dataset = StructureDataset(sample_build.dataset["validation"])  # the run reused this very build
+    collator = MaskingCollator(ProtMaskProcessor(mask_ratio=model.config.mask_ratio, max_length=128), seed=0)
+    stats = MaskedLMStats()
+    with torch.no_grad():
+        batch = collator(dataset.__getitems__(list(range(len(dataset)))))
+        stats.update(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"],
+                     batch["chain_index"])
+    assert stats.reduce()["loss"] == pytest.approx(final["validation_loss"], abs=1e-4)
+
+
+def test_nonfinite_losses_stop_the_run_with_a_clear_message(cache, tmp_path):
+    done = launch(TINY + ["--cache_dir", cache, "--max_tokens_per_batch", "1024", "--learning_rate", "1e30",
+                          "--max_grad_norm", "0", "--max_nonfinite_steps", "3", "--max_train_steps", "50",
+                          "--save_dir", tmp_path], check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "consecutive steps had a non-finite loss" in done.stderr
+    assert "non-finite loss, step skipped" in done.stdout
+
+
+def test_tensorboard_and_offline_hub_warning_at_start(cache, tmp_path):
+    done = launch(TINY + ["--cache_dir", cache, "--max_tokens_per_batch", "1024", "--max_train_steps", "3",
+                          "--report_to", "tensorboard", "--push_to_hub", "--hub_model_id", "someone/protmask-test",
+                          "--save_dir", tmp_path], env={"HF_HUB_OFFLINE": "1"})
+    warning = done.stdout.index("will NOT be pushed")
+    assert warning < done.stdout.index("world size:")  # said before training, not after
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((tmp_path / "protmask").rglob("events.out.tfevents.*"))
+    assert events
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    tags = accumulator.Tags()["scalars"]
+    assert {"train/loss", "train/learning_rate", "validation/loss", "validation/accuracy"} <= set(tags)
+    assert (tmp_path / "training_curves.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch_size", "0"], "--batch_size: must be a positive integer"),
+        (["--checkpointing_steps", "often"], "must be a positive number of steps or 'epoch'"),
+        (["--report_to", "mlflow"], "must be tensorboard, wandb, all or none"),
+        (["--lr_scaling", "cubic"], "invalid choice"),
+        (["--resume_from_checkpoint", "/nowhere/checkpoint-5"], "is not a complete protmask checkpoint"),
+        (["--mixed_precision", "fp16"], "needs a CUDA GPU"),
+        (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+        (["--max_tokens_per_batch", "64"], "is smaller than the longest training example"),
+        (["--pdb_path", "/nowhere"], "--pdb_path /nowhere does not exist"),
+    ],
+)
+def test_bad_flags_fail_before_work(cache, tmp_path, flags, message):
+    if flags == ["--mixed_precision", "fp16"] and torch.cuda.is_available():
+        pytest.skip("fp16 is valid where CUDA is")
+    done = launch(TINY + ["--cache_dir", cache, "--save_dir", tmp_path] + flags, check=False, timeout=120)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert not (tmp_path / "final").exists()
+
+
+def test_learning_rate_scaling_rules():
+    args = build_parser().parse_args(["--learning_rate", "1e-4"])
+    assert effective_learning_rate(args, 8) == pytest.approx(8e-4)
+    args.lr_scaling = "sqrt"
+    assert effective_learning_rate(args, 4) == pytest.approx(2e-4)
+    args.lr_scaling = "none"
+    assert effective_learning_rate(args, 8) == pytest.approx(1e-4)
+    defaults = build_parser().parse_args([])
+    assert (defaults.epochs, defaults.batch_size, defaults.learning_rate, defaults.hidden_dim, defaults.mask_ratio,
+            defaults.num_encoder_layers, defaults.num_decoder_layers, defaults.save_dir, defaults.num_workers) == (
+        50, 8, 1e-4, 256, 0.15, 3, 3, "checkpoints", 4)
