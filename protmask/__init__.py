@@ -4,6 +4,7 @@
 """
 
 from .data.collator import ProtMaskProcessor
+from .design import design_sequences, evaluate as evaluate_structures, load_model
 from .models import ProtMaskConfig, ProtMaskForMaskedLM, ProtMaskModel, ProtMaskTokenizer
 from .structure import ProteinChain, StructureError, parse_structure
 
@@ -17,5 +18,8 @@ __all__ = [
     "ProtMaskTokenizer",
     "ProteinChain",
     "StructureError",
+    "design_sequences",
+    "evaluate_structures",
+    "load_model",
     "parse_structure",
 ]

@@ -176,7 +176,8 @@ def _parse_one(path: str):
         return path, None, f"{type(error).__name__}: {error}"
 
 
-def _filter_chains(chains, options: BuildOptions):
+def filter_chains(chains, options: BuildOptions):
+    """(kept, [(chain, reason)]): the chain filters of a build, shared with evaluation."""
     kept, dropped = [], []
     for chain in chains:
         complete = int(chain.backbone_complete.sum())
@@ -407,7 +408,7 @@ def build_dataset(
                         _count(report, "resolution over --max_resolution")
                     report["files_without_chains"].append(path)
                     continue
-                kept, dropped = _filter_chains(chains, options)
+                kept, dropped = filter_chains(chains, options)
                 for chain, reason in dropped:
                     report["chains_filtered"].append({"file": path, "chain": chain.chain_id, "length": len(chain), "reason": reason})
                     _count(report, "too many unknown (X) residues" if "unknown (X)" in reason else reason.split(" (")[0])

@@ -40,8 +40,10 @@ class LengthBucketBatchSampler(Sampler[list]):
 
     With shuffling, each epoch permutes the examples, sorts them by length within buckets of about
     ``bucket_batches`` batches (little padding, still random), cuts batches and shuffles the batch order.
-    Every example appears exactly once per epoch. Without shuffling (evaluation) examples go in length
-    order, and ``num_replicas`` pads the batch list with empty batches to a multiple of the ranks, so that
+    Every example appears exactly once per epoch. ``num_replicas`` is the number of ranks the batches will be
+    dealt to: shuffled batches move in groups of that many neighbours in length, so the ranks of one step
+    carry similar work and none waits long at the gradient all-reduce; without shuffling (evaluation)
+    examples go in length order and the list is padded with empty batches to a multiple of the ranks, so that
     Accelerate need not repeat examples. ``tag_epoch`` yields ``(index, epoch)`` keys for epoch-seeded masks.
     """
 
@@ -108,6 +110,8 @@ class LengthBucketBatchSampler(Sampler[list]):
         order = np.fromiter(iter(self.sampler), dtype=np.int64, count=len(self.lengths))
         if not self.shuffle:
             batches = self._cut(order[np.argsort(-self.lengths[order], kind="stable")])
+            if self.num_replicas > 1 and len(batches) % self.num_replicas:
+                batches += [[] for _ in range(self.num_replicas - len(batches) % self.num_replicas)]
         else:
             per_batch = self.max_examples or max(1, self.max_tokens // max(1, int(np.median(self.lengths))))
             bucket = max(1, per_batch * self.bucket_batches)
@@ -115,10 +119,9 @@ class LengthBucketBatchSampler(Sampler[list]):
             for start in range(0, len(order), bucket):
                 chunk = order[start:start + bucket]
                 batches += self._cut(chunk[np.argsort(-self.lengths[chunk], kind="stable")])
+            groups = [batches[i:i + self.num_replicas] for i in range(0, len(batches), self.num_replicas)]
             rng = np.random.default_rng((self.seed, self.epoch, 1))
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        if self.num_replicas > 1 and len(batches) % self.num_replicas:
-            batches += [[] for _ in range(self.num_replicas - len(batches) % self.num_replicas)]
+            batches = [batch for i in rng.permutation(len(groups)) for batch in groups[i]]
         self._cache = (self.epoch, batches)
         return batches
 

@@ -132,7 +132,7 @@ def write_json_atomically(path: Path, data) -> None:
     os.replace(temporary, path)
 
 
-def save_model(accelerator, model, tokenizer, folder: Path, card: str) -> None:
+def save_model(accelerator, model, tokenizer, folder: Path, card: str, extra_files=()) -> None:
     """A `save_pretrained` folder (hub format) with tokenizer and model card, swapped into place whole."""
     if not accelerator.is_main_process:
         return
@@ -142,6 +142,8 @@ def save_model(accelerator, model, tokenizer, folder: Path, card: str) -> None:
     unwrapped.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     (staging / "README.md").write_text(card)
+    for extra in extra_files:
+        shutil.copy(extra, staging / Path(extra).name)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(staging, folder)
@@ -220,7 +222,8 @@ def make_loaders(accelerator, args, dataset, tokenizer, say):
                                   max_length=args.max_length)
     # Validation masks at the fixed ratio, whatever range training draws from, so numbers stay comparable.
     validation_processor = ProtMaskProcessor(tokenizer, mask_ratio=args.mask_ratio, max_length=args.max_length)
-    train_sampler = LengthBucketBatchSampler(train_lengths, shuffle=True, seed=args.seed, **budget)
+    train_sampler = LengthBucketBatchSampler(train_lengths, shuffle=True, seed=args.seed,
+                                             num_replicas=accelerator.num_processes, **budget)
     validation_lengths = np.minimum(validation_set.lengths, cap) if len(validation_set) else []
     validation_budget = dict(budget)
     if args.max_tokens_per_batch is not None and len(validation_set):
@@ -293,7 +296,7 @@ class RunLog:
             self.accelerator.log(numbers, step=record["step"])
 
 
-def model_card(args, accelerator, metrics: dict, kind: str) -> str:
+def model_card(args, accelerator, metrics: dict, kind: str, with_plot: bool = False) -> str:
     config = {k: v for k, v in vars(args).items() if k not in ("ddp", "master_port")}
     lines = [
         "---", "library_name: transformers", "tags:", "- protmask", "- protein", "- inverse-folding", "---", "",
@@ -307,7 +310,10 @@ def model_card(args, accelerator, metrics: dict, kind: str) -> str:
         "## Metrics", "", "| metric | value |", "|---|---|",
     ]
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
-    lines += ["", "Training curves: `../training_curves.png` (written at the end of the run with `protmask plot`).", "",
+    if with_plot:
+        lines += ["", "## Training curves", "", "![training curves](training_curves.png)", "",
+                  "Redraw them from the run's metrics.jsonl with `protmask plot --run SAVE_DIR`."]
+    lines += ["",
               "## Training configuration", "", "```json", json.dumps(config, indent=1, default=str), "```", ""]
     return "\n".join(lines)
 
@@ -546,6 +552,7 @@ def train(args) -> dict:
                     "step": state["global_step"], "epoch": epoch, "split": "train", "loss": loss,
                     "perplexity": math.exp(min(loss, 50.0)), "accuracy": window["correct"] / max(window["tokens"], 1),
                     "learning_rate": scheduler.get_last_lr()[0],
+                    "residues": window["residues"], "seconds": window["seconds"],
                     "residues_per_s": window["residues"] / max(window["seconds"], 1e-9),
                     "data_wait_fraction": window["waiting"] / max(window["seconds"], 1e-9),
                     "skipped_nonfinite_steps": state["skipped_nonfinite_steps"],
@@ -575,15 +582,18 @@ def train(args) -> dict:
                      "ranks_in_sync": parameters_in_sync(accelerator, model),
                      "skipped_nonfinite_steps": state["skipped_nonfinite_steps"],
                      **{f"validation_{k}": v for k, v in last_validation.items()}}
-    save_model(accelerator, model, tokenizer, save_dir / "final", model_card(args, accelerator, final_metrics, "final"))
+    plots = []
     if accelerator.is_main_process:
-        write_json_atomically(save_dir / "final_metrics.json", final_metrics)
         try:
             from ..plotting import plot_run
 
-            plot_run(save_dir)
+            plots.append(plot_run(save_dir))
         except ImportError:
             say("matplotlib is not installed: no training_curves.png (pip install 'protmask[plot]')")
+    save_model(accelerator, model, tokenizer, save_dir / "final",
+               model_card(args, accelerator, final_metrics, "final", with_plot=bool(plots)), plots)
+    if accelerator.is_main_process:
+        write_json_atomically(save_dir / "final_metrics.json", final_metrics)
         if hub is not None:
             hub.push(save_dir / "final", say)
     accelerator.wait_for_everyone()

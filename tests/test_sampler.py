@@ -1,0 +1,55 @@
+"""Length-bucketed batches: every example once per epoch, budgets kept, seeded, equal counts per rank."""
+
+import numpy as np
+import pytest
+from accelerate.data_loader import BatchSamplerShard
+
+from protmask.data.sampler import LengthBucketBatchSampler, padded
+
+
+@pytest.fixture(scope="module")
+def lengths(sample_build):
+    return np.minimum(np.asarray(sample_build.dataset["train"]["length"]), 300)
+
+
+def test_every_example_once_and_budget_kept(lengths):
+    sampler = LengthBucketBatchSampler(lengths, max_tokens=1200, seed=0)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = [[i for i, _ in batch] for batch in sampler]
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        for batch in batches:
+            assert len(batch) * padded(int(lengths[batch].max()), 8) <= 1200
+    counted = LengthBucketBatchSampler(lengths, max_examples=5, seed=0)
+    assert all(len(b) <= 5 for b in counted) and sum(len(b) for b in counted) == len(lengths)
+
+
+def test_seeded_per_epoch_and_tagged(lengths):
+    a, b = LengthBucketBatchSampler(lengths, max_tokens=1200, seed=1), LengthBucketBatchSampler(lengths, max_tokens=1200, seed=1)
+    assert list(a) == list(b)
+    a.set_epoch(1)
+    epoch_one = list(a)
+    assert epoch_one != list(b) and all(epoch == 1 for batch in epoch_one for _, epoch in batch)
+    assert list(LengthBucketBatchSampler(lengths, max_tokens=1200, seed=2)) != list(b)
+
+
+def test_token_budget_smaller_than_longest_example_is_refused(lengths):
+    with pytest.raises(ValueError, match="smaller than the longest example"):
+        LengthBucketBatchSampler(lengths, max_tokens=100)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ranks_get_equal_batch_counts_and_lose_no_example(lengths, ranks):
+    sampler = LengthBucketBatchSampler(lengths, max_tokens=1500, seed=0, num_replicas=ranks)
+    shards = [list(BatchSamplerShard(sampler, num_processes=ranks, process_index=r, even_batches=True))
+              for r in range(ranks)]
+    assert len({len(s) for s in shards}) == 1
+    seen = {i for shard in shards for batch in shard for i, _ in batch}
+    assert seen == set(range(len(lengths)))
+    # Evaluation: padded with empty batches instead of repeated examples, so each is seen exactly once.
+    evaluation = LengthBucketBatchSampler(lengths, max_tokens=1500, shuffle=False, num_replicas=ranks)
+    assert len(evaluation) % ranks == 0
+    shards = [list(BatchSamplerShard(evaluation, num_processes=ranks, process_index=r, even_batches=True))
+              for r in range(ranks)]
+    indices = [i for shard in shards for batch in shard for i in batch]
+    assert sorted(indices) == list(range(len(lengths)))
