@@ -40,7 +40,7 @@ def test_token_budget_smaller_than_longest_example_is_refused(lengths):
 
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_ranks_get_equal_batch_counts_and_lose_no_example(lengths, ranks):
-    sampler = LengthBucketBatchSampler(lengths, max_tokens=1500, seed=0, num_replicas=ranks)
+    sampler = LengthBucketBatchSampler(lengths, max_tokens=1500, seed=0, group_size=ranks)
     shards = [list(BatchSamplerShard(sampler, num_processes=ranks, process_index=r, even_batches=True))
               for r in range(ranks)]
     assert len({len(s) for s in shards}) == 1
@@ -53,3 +53,18 @@ def test_ranks_get_equal_batch_counts_and_lose_no_example(lengths, ranks):
               for r in range(ranks)]
     indices = [i for shard in shards for batch in shard for i in batch]
     assert sorted(indices) == list(range(len(lengths)))
+
+
+def test_groups_keep_one_steps_batches_together(lengths):
+    """Grouped by ranks × accumulation, one step's batches are the same spread over ranks or accumulated."""
+    grouped = LengthBucketBatchSampler(lengths, max_tokens=900, seed=3, group_size=2)
+    batches = list(grouped)
+    rank_zero = list(BatchSamplerShard(grouped, num_processes=2, process_index=0))
+    rank_one = list(BatchSamplerShard(grouped, num_processes=2, process_index=1))
+    for step in range(len(batches) // 2):
+        assert [rank_zero[step], rank_one[step]] == batches[2 * step:2 * step + 2]
+    widths = [max(lengths[i] for i, _ in b) for b in batches]
+    spread_in_steps = np.mean([abs(widths[2 * s] - widths[2 * s + 1]) for s in range(len(batches) // 2)])
+    ungrouped = [max(lengths[i] for i, _ in b) for b in LengthBucketBatchSampler(lengths, max_tokens=900, seed=3)]
+    spread_ungrouped = np.mean([abs(ungrouped[2 * s] - ungrouped[2 * s + 1]) for s in range(len(ungrouped) // 2)])
+    assert spread_in_steps < spread_ungrouped  # the ranks of a step get similar lengths

@@ -40,11 +40,13 @@ class LengthBucketBatchSampler(Sampler[list]):
 
     With shuffling, each epoch permutes the examples, sorts them by length within buckets of about
     ``bucket_batches`` batches (little padding, still random), cuts batches and shuffles the batch order.
-    Every example appears exactly once per epoch. ``num_replicas`` is the number of ranks the batches will be
-    dealt to: shuffled batches move in groups of that many neighbours in length, so the ranks of one step
-    carry similar work and none waits long at the gradient all-reduce; without shuffling (evaluation)
-    examples go in length order and the list is padded with empty batches to a multiple of the ranks, so that
-    Accelerate need not repeat examples. ``tag_epoch`` yields ``(index, epoch)`` keys for epoch-seeded masks.
+    Every example appears exactly once per epoch. ``group_size`` is the number of batches one optimizer step
+    takes over all ranks (ranks × accumulation): shuffled batches move in groups of that many neighbours in
+    length, so the ranks of one step carry similar work and none waits long at the gradient all-reduce, and
+    a step's global batch is the same whether it is spread over ranks or accumulated on one. Without
+    shuffling (evaluation) examples go in length order and ``num_replicas`` pads the list with empty batches
+    to a multiple of the ranks, so that Accelerate need not repeat examples. ``tag_epoch`` yields
+    ``(index, epoch)`` keys for epoch-seeded masks.
     """
 
     batch_size = None  # variable-size batches: Accelerate shards them whole, never splits them
@@ -58,6 +60,7 @@ class LengthBucketBatchSampler(Sampler[list]):
         seed: int = 0,
         pad_to_multiple_of: int | None = 8,
         bucket_batches: int = 50,
+        group_size: int = 1,
         num_replicas: int = 1,
         tag_epoch: bool | None = None,
     ):
@@ -67,6 +70,7 @@ class LengthBucketBatchSampler(Sampler[list]):
         self.max_tokens, self.max_examples = max_tokens, max_examples
         self.pad_to_multiple_of = pad_to_multiple_of
         self.bucket_batches = bucket_batches
+        self.group_size = group_size
         self.num_replicas = num_replicas
         self.shuffle, self.seed = shuffle, seed
         self.tag_epoch = shuffle if tag_epoch is None else tag_epoch
@@ -119,7 +123,7 @@ class LengthBucketBatchSampler(Sampler[list]):
             for start in range(0, len(order), bucket):
                 chunk = order[start:start + bucket]
                 batches += self._cut(chunk[np.argsort(-self.lengths[chunk], kind="stable")])
-            groups = [batches[i:i + self.num_replicas] for i in range(0, len(batches), self.num_replicas)]
+            groups = [batches[i:i + self.group_size] for i in range(0, len(batches), self.group_size)]
             rng = np.random.default_rng((self.seed, self.epoch, 1))
             batches = [batch for i in rng.permutation(len(groups)) for batch in groups[i]]
         self._cache = (self.epoch, batches)

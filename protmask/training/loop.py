@@ -222,8 +222,9 @@ def make_loaders(accelerator, args, dataset, tokenizer, say):
                                   max_length=args.max_length)
     # Validation masks at the fixed ratio, whatever range training draws from, so numbers stay comparable.
     validation_processor = ProtMaskProcessor(tokenizer, mask_ratio=args.mask_ratio, max_length=args.max_length)
-    train_sampler = LengthBucketBatchSampler(train_lengths, shuffle=True, seed=args.seed,
-                                             num_replicas=accelerator.num_processes, **budget)
+    train_sampler = LengthBucketBatchSampler(
+        train_lengths, shuffle=True, seed=args.seed,
+        group_size=accelerator.num_processes * args.gradient_accumulation_steps, **budget)
     validation_lengths = np.minimum(validation_set.lengths, cap) if len(validation_set) else []
     validation_budget = dict(budget)
     if args.max_tokens_per_batch is not None and len(validation_set):
