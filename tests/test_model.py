@@ -167,7 +167,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(chains):
             getattr(model, switch)()  # transformers 5 name, and the older one it still honours
             assert model.is_activation_checkpointing
         calls = []
-        model.protmask.encoder_layers[0].node_message.register_forward_hook(lambda *a: calls.append(1))
+        model.protmask.encoder_layers[0].node_update.message.register_forward_hook(lambda *a: calls.append(1))
         model(**batch).loss.backward()
         assert len(calls) == (2 if switch else 1)  # checkpointed layers run again in the backward pass
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))

@@ -163,41 +163,55 @@ class FeedForward(nn.Module):
         return self.down(F.gelu(self.up(hidden)))
 
 
+class NodeUpdate(nn.Module):
+    """A node's residual update from its edges: message MLP over [h_i, h_ij, x_j], sum over neighbours,
+    then a position-wise feed-forward block. ``x_j`` is the neighbour's state (encoder) or its state and
+    residue embedding (decoder)."""
+
+    def __init__(self, config: ProtMaskConfig, neighbor_dim: int):
+        super().__init__()
+        hidden = config.hidden_dim
+        self.scale = config.message_scale
+        # Message inputs [h_i, h_ij, x_j] → hidden as three projections (see `edge_message_input`); the
+        # bias sits on the per-node self projection.
+        self.edge_input = nn.Linear(hidden, hidden, bias=False)
+        self.self_input = nn.Linear(hidden, hidden)
+        self.neighbor_input = nn.Linear(neighbor_dim, hidden, bias=False)
+        self.message = nn.Linear(hidden, hidden)
+        self.output = nn.Linear(hidden, hidden)
+        self.feed_forward = FeedForward(config)
+        self.message_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.ff_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, node_states, edge_states, neighbor_states, neighbor_index, node_mask, edge_mask):
+        message = edge_message_input(edge_states, self.edge_input.weight, self.self_input(node_states),
+                                     self.neighbor_input(neighbor_states), neighbor_index)
+        message = F.gelu(self.message(F.gelu(message)))
+        # The MLP's last linear layer commutes with the sum over neighbours: apply it once per node.
+        summed = torch.einsum("blkh,blk->blh", message, edge_mask)
+        node_states = self.message_norm(node_states + self.dropout(self.output(summed) / self.scale))
+        node_states = self.ff_norm(node_states + self.dropout(self.feed_forward(node_states)))
+        return node_states * node_mask[..., None]
+
+
 class EncoderLayer(GradientCheckpointingLayer):
     """Update node states from their edges, then edge states from their two updated nodes."""
 
     def __init__(self, config: ProtMaskConfig):
         super().__init__()
         hidden = config.hidden_dim
-        self.scale = config.message_scale
-        # Message inputs: [h_i, h_ij, h_j] → hidden, as three projections (see `edge_message_input`);
-        # the bias sits on the per-node self projection.
-        self.node_edge = nn.Linear(hidden, hidden, bias=False)
-        self.node_self = nn.Linear(hidden, hidden)
-        self.node_neighbor = nn.Linear(hidden, hidden, bias=False)
-        self.node_message = nn.Linear(hidden, hidden)
-        self.node_output = nn.Linear(hidden, hidden)
+        self.node_update = NodeUpdate(config, neighbor_dim=hidden)
         self.edge_edge = nn.Linear(hidden, hidden, bias=False)
         self.edge_self = nn.Linear(hidden, hidden)
         self.edge_neighbor = nn.Linear(hidden, hidden, bias=False)
         self.edge_message = nn.Linear(hidden, hidden)
         self.edge_output = nn.Linear(hidden, hidden)
-        self.feed_forward = FeedForward(config)
-        self.node_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
-        self.ff_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         self.edge_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, node_states, edge_states, neighbor_index, node_mask, edge_mask):
-        message = edge_message_input(edge_states, self.node_edge.weight, self.node_self(node_states),
-                                     self.node_neighbor(node_states), neighbor_index)
-        message = F.gelu(self.node_message(F.gelu(message)))
-        # The message MLP's last linear layer commutes with the sum over neighbours: apply it once per node.
-        summed = torch.einsum("blkh,blk->blh", message, edge_mask)
-        node_states = self.node_norm(node_states + self.dropout(self.node_output(summed) / self.scale))
-        node_states = self.ff_norm(node_states + self.dropout(self.feed_forward(node_states)))
-        node_states = node_states * node_mask[..., None]
-
+        node_states = self.node_update(node_states, edge_states, node_states, neighbor_index, node_mask, edge_mask)
         message = edge_message_input(edge_states, self.edge_edge.weight, self.edge_self(node_states),
                                      self.edge_neighbor(node_states), neighbor_index)
         message = self.edge_output(F.gelu(self.edge_message(F.gelu(message))))
@@ -210,27 +224,11 @@ class DecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: ProtMaskConfig):
         super().__init__()
-        hidden = config.hidden_dim
-        self.scale = config.message_scale
-        self.node_edge = nn.Linear(hidden, hidden, bias=False)
-        self.node_self = nn.Linear(hidden, hidden)
-        self.node_neighbor = nn.Linear(2 * hidden, hidden, bias=False)  # [state, residue embedding] of j
-        self.message = nn.Linear(hidden, hidden)
-        self.output = nn.Linear(hidden, hidden)
-        self.feed_forward = FeedForward(config)
-        self.node_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
-        self.ff_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.node_update = NodeUpdate(config, neighbor_dim=2 * config.hidden_dim)
 
     def forward(self, node_states, edge_states, sequence_states, neighbor_index, node_mask, edge_mask):
-        neighbor = self.node_neighbor(torch.cat([node_states, sequence_states], dim=-1))
-        message = edge_message_input(edge_states, self.node_edge.weight, self.node_self(node_states), neighbor,
-                                     neighbor_index)
-        message = F.gelu(self.message(F.gelu(message)))
-        summed = torch.einsum("blkh,blk->blh", message, edge_mask)
-        node_states = self.node_norm(node_states + self.dropout(self.output(summed) / self.scale))
-        node_states = self.ff_norm(node_states + self.dropout(self.feed_forward(node_states)))
-        return node_states * node_mask[..., None]
+        neighbors = torch.cat([node_states, sequence_states], dim=-1)
+        return self.node_update(node_states, edge_states, neighbors, neighbor_index, node_mask, edge_mask)
 
 
 class ProtMaskPreTrainedModel(PreTrainedModel):

@@ -199,7 +199,7 @@ def load_data(accelerator, args, say):
     return result
 
 
-def make_loaders(accelerator, args, dataset, tokenizer, say):
+def make_loaders(accelerator, args, dataset, tokenizer):
     from ..data.collator import MaskingCollator, ProtMaskProcessor, StructureDataset
     from ..data.sampler import LengthBucketBatchSampler, padded
 
@@ -356,15 +356,13 @@ def parameters_in_sync(accelerator, model) -> bool:
 
 def train(args) -> dict:
     """Train from parsed arguments; returns the final validation metrics."""
+    import datasets
+    import transformers
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from ..metrics import MaskedLMStats
     from ..models import ProtMaskTokenizer, masked_lm_loss
-
-    import datasets
-    import transformers
 
     tune_cpu_allocator()
     transformers.utils.logging.disable_progress_bar()  # one progress bar: ours
@@ -392,7 +390,7 @@ def train(args) -> dict:
     built = load_data(accelerator, args, say)
     tokenizer = (ProtMaskTokenizer.from_pretrained(args.model_name_or_path) if args.model_name_or_path
                  else ProtMaskTokenizer())
-    train_loader, validation_loader, train_sampler = make_loaders(accelerator, args, built.dataset, tokenizer, say)
+    train_loader, validation_loader, train_sampler = make_loaders(accelerator, args, built.dataset, tokenizer)
 
     # Model, optimizer, schedule. Accelerate's prepared scheduler steps once per process per optimizer step,
     # so warm-up and total are given in those units to get the curve asked for in optimizer steps.
@@ -437,7 +435,8 @@ def train(args) -> dict:
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
         state.update(json.loads((resume_path / TRAINER_STATE).read_text()))
-        if state["batches_in_epoch"] >= batches_per_rank:
+        train_sampler.set_epoch(state["epoch"])  # batch counts vary a little between epochs
+        if state["batches_in_epoch"] >= math.ceil(len(train_sampler) / accelerator.num_processes):
             state["epoch"], state["batches_in_epoch"] = state["epoch"] + 1, 0
         say(f"resumed from {resume_path}: step {state['global_step']}, epoch {state['epoch']}, "
             f"batch {state['batches_in_epoch']} of that epoch")
