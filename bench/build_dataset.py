@@ -14,12 +14,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 
-from common import ROOT, default_pdb_path, emit, machine, peak_rss_mb
+from common import default_pdb_path, emit, machine, peak_rss_mb, spawn
 
 
 def children_peak_rss_mb() -> float:
@@ -74,13 +72,6 @@ def worker_biopython(pdb_path: str) -> dict:
             "peak_rss_mb": round(peak_rss_mb(), 1), "num_proc": 1}
 
 
-def spawn(*arguments) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--worker", *map(str, arguments)], capture_output=True, text=True,
-                          cwd=ROOT)
-    if done.returncode != 0:
-        raise SystemExit(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,9 +85,9 @@ def main() -> None:
         result = worker_protmask(rest[0], int(rest[1])) if kind == "protmask" else worker_biopython(rest[0])
         print(json.dumps(result))
         return
-    baseline = spawn("biopython", args.pdb_path)
-    single = spawn("protmask", args.pdb_path, 1)
-    parallel = spawn("protmask", args.pdb_path, args.num_proc)
+    baseline = spawn(__file__, "biopython", args.pdb_path)
+    single = spawn(__file__, "protmask", args.pdb_path, 1)
+    parallel = spawn(__file__, "protmask", args.pdb_path, args.num_proc)
     emit({
         "benchmark": "build_dataset",
         "machine": machine(),

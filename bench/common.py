@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,3 +52,13 @@ def emit(result: dict, output: str | None = None) -> None:
     print(text)
     if output:
         Path(output).write_text(text + "\n")
+
+
+def spawn(script: str, *arguments, env: dict | None = None) -> dict:
+    """Run ``script --worker ARGUMENTS`` in a fresh process (so its peak memory is its own); return the JSON
+    line it prints last."""
+    done = subprocess.run([sys.executable, script, "--worker", *map(str, arguments)], capture_output=True, text=True,
+                          cwd=ROOT, env=dict(os.environ, **(env or {})))
+    if done.returncode != 0:
+        raise SystemExit(f"{Path(script).name} worker {arguments[:1]} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

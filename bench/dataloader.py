@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, current_rss_mb, default_pdb_path, emit, machine, peak_rss_mb
+from common import current_rss_mb, default_pdb_path, emit, machine, peak_rss_mb, spawn
 
 
 def dataset_path(args) -> str:
@@ -65,13 +63,6 @@ def worker_memory(path: str, copies: int) -> dict:
             "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
-def spawn(*arguments) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--worker", *map(str, arguments)], capture_output=True,
-                          text=True, cwd=ROOT)
-    if done.returncode != 0:
-        raise SystemExit(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,8 +82,8 @@ def main() -> None:
         print(json.dumps(result))
         return
     path = dataset_path(args)
-    throughput = [spawn("throughput", path, workers, args.max_tokens, args.epochs) for workers in (0, 2)]
-    once, twenty = spawn("memory", path, 1), spawn("memory", path, 20)
+    throughput = [spawn(__file__, "throughput", path, workers, args.max_tokens, args.epochs) for workers in (0, 2)]
+    once, twenty = spawn(__file__, "memory", path, 1), spawn(__file__, "memory", path, 20)
     emit({
         "benchmark": "dataloader",
         "machine": machine(),

@@ -23,13 +23,12 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, current_rss_mb, default_pdb_path, emit, machine, peak_rss_mb
+from common import current_rss_mb, default_pdb_path, emit, machine, peak_rss_mb, spawn
 
 # ProteinMPNN's own code on a 2-core CPU, hidden 128 / 256, k 48, 3+3 layers, ~4000-token batches.
 PUBLISHED_REFERENCE = {
@@ -199,13 +198,9 @@ def run_worker(spec: dict) -> dict:
     return out
 
 
-def spawn(spec: dict) -> dict:
-    environment = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
-    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          env=environment, cwd=str(ROOT))
-    if done.returncode != 0:
-        raise SystemExit(f"worker {spec['variant']} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def spawn_spec(spec: dict) -> dict:
+    threads = str(spec["threads"])
+    return spawn(__file__, json.dumps(spec), env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
 
 
 def curve_batches(dataset_path, lengths):
@@ -219,7 +214,7 @@ def curve_batches(dataset_path, lengths):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=1, help=argparse.SUPPRESS)
     parser.add_argument("--pdb_path", default=default_pdb_path())
     parser.add_argument("--cache_dir", default=str(Path(tempfile.gettempdir()) / "protmask-bench-cache"))
     parser.add_argument("--reference", default=os.environ.get("PROTEINMPNN_PATH"),
@@ -239,7 +234,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:
-        print(json.dumps(run_worker(json.loads(args.worker))))
+        print(json.dumps(run_worker(json.loads(args.worker[0]))))
         return
 
     reference = find_reference(args.reference)
@@ -253,7 +248,7 @@ def main() -> None:
             for variant in variants:
                 for mode in ["train"] + ([] if args.skip_inference else ["inference"]):
                     spec = dict(base, variant=variant, hidden_dim=hidden, threads=threads, mode=mode)
-                    results.append(spawn(spec))
+                    results.append(spawn_spec(spec))
                     print(json.dumps(results[-1]), file=sys.stderr)
 
     comparisons = []
@@ -288,7 +283,7 @@ def main() -> None:
             for spec in specs:
                 spec.update(variant=variant, hidden_dim=min(args.hidden_dims), threads=max(args.threads), mode="curve",
                             repeats=args.curve_repeats)
-                points += spawn(spec)["curve"]
+                points += spawn_spec(spec)["curve"]
             curve.append({"variant": variant, "hidden_dim": min(args.hidden_dims), "threads": max(args.threads),
                           "points": points})
 

@@ -3,7 +3,6 @@ evaluate a checkpoint on structure files in the field's own metrics."""
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,7 +263,7 @@ def evaluate(model, processor: ProtMaskProcessor, examples: list[Example], max_t
     longest = max(lengths) if lengths else 0
     sampler = LengthBucketBatchSampler(lengths, max_tokens=max(max_tokens, -(-longest // 8) * 8), shuffle=False)
     stats = MaskedLMStats(device=device)
-    recovered, masked_native = [], []
+    masked_native = []
     chain_rows = []
     for batch_indices in sampler.batches():
         chunk = [examples[i] for i in batch_indices]

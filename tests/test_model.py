@@ -113,9 +113,8 @@ def test_other_chain_class_and_chain_breaks(chains):
         model(**batch)
     hook.remove()
     other = 2 * model.config.max_relative_position + 1
-    relative, chain_index = seen["relative"], batch["chain_index"]
-    # Every "other chain" edge joins residues of different chains, and the interface has such edges.
-    assert (relative == other).any()
+    # The interface of the dimer gives edges between residues of different chains: the extra class.
+    assert (seen["relative"] == other).any()
 
     # A chain break: residue numbers jump, the index keeps the gap, insertion codes count one step.
     numbers = np.array([1, 2, 3, 10, 11, 11, 12])

@@ -1,12 +1,11 @@
 """parse_structure on real files: the edge cases, the sample against its manifest, and each rule."""
 
 import gzip
-import math
 
 import numpy as np
 import pytest
 
-from protmask.structure import ProteinChain, StructureError, parse_structure
+from protmask.structure import StructureError, parse_structure
 
 from conftest import pdb_atom_line, read_fasta, read_manifest, TESTS
 

@@ -1,7 +1,6 @@
 """train_accelerate.py end to end on CPU: real ranks, resume, kills, uneven data, schedules, flags."""
 
 import json
-import math
 import os
 import signal
 import socket
@@ -10,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
