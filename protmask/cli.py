@@ -34,8 +34,22 @@ def train_command(argv) -> int:
     return main(argv)
 
 
+def load_model_for(command: str, args):
+    """(model, processor) on --device (default: CUDA when there is one), or None after saying why not."""
+    import torch
+
+    from .design import load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return load_model(args.model, device)
+    except OSError as error:
+        print(f"protmask {command}: error: cannot load the model {args.model}: {error}", file=sys.stderr)
+        return None
+
+
 def design_command(argv) -> int:
-    from .design import DesignError, design_sequences, load_model, write_fasta
+    from .design import DesignError, design_sequences, write_fasta
     from .structure import StructureError
 
     parser = argparse.ArgumentParser(
@@ -62,17 +76,16 @@ def design_command(argv) -> int:
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.rounds < 1 or args.temperature < 0:
         parser.error("--num_samples and --rounds must be positive and --temperature zero or more")
-    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    loaded = load_model_for("design", args)
+    if loaded is None:
+        return 2
+    model, processor = loaded
     try:
-        model, processor = load_model(args.model, device)
         result = design_sequences(model, processor, args.pdb, chains=args.chains.split(",") if args.chains else None,
                                   fix=args.fix, fill=args.fill, num_samples=args.num_samples,
                                   temperature=args.temperature, seed=args.seed, rounds=args.rounds)
     except (DesignError, StructureError) as error:
         print(f"protmask design: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"protmask design: error: cannot load the model {args.model}: {error}", file=sys.stderr)
         return 2
     write_fasta(result, args.output)
     if args.probabilities:
@@ -91,7 +104,7 @@ def evaluate_command(argv) -> int:
     import json
 
     from .data.build import DatasetBuildError
-    from .design import evaluate, examples_from, format_table, load_model
+    from .design import evaluate, examples_from, format_table
 
     parser = argparse.ArgumentParser(
         prog="protmask evaluate",
@@ -110,7 +123,6 @@ def evaluate_command(argv) -> int:
     parser.add_argument("--output", default=None, help="write the metrics as JSON here")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
-    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     try:
         examples, failed = examples_from(args.pdb_path, args.split, args.min_length)
     except DatasetBuildError as error:
@@ -119,11 +131,10 @@ def evaluate_command(argv) -> int:
     if not examples:
         print(f"protmask evaluate: error: no usable structure in {args.pdb_path}", file=sys.stderr)
         return 2
-    try:
-        model, processor = load_model(args.model, device)
-    except OSError as error:
-        print(f"protmask evaluate: error: cannot load the model {args.model}: {error}", file=sys.stderr)
+    loaded = load_model_for("evaluate", args)
+    if loaded is None:
         return 2
+    model, processor = loaded
     metrics = evaluate(model, processor, examples, max_tokens=args.max_tokens, rounds=args.rounds, seed=args.seed,
                        max_length=args.max_length)
     metrics["files_failed"] = failed
