@@ -4,7 +4,8 @@
 """
 
 from .data.collator import ProtMaskProcessor
-from .design import design_sequences, evaluate as evaluate_structures, load_model
+from .design import design_sequences, load_model
+from .evaluation import evaluate as evaluate_structures
 from .models import ProtMaskConfig, ProtMaskForMaskedLM, ProtMaskModel, ProtMaskTokenizer
 from .structure import ProteinChain, StructureError, parse_structure
 

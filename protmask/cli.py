@@ -104,7 +104,7 @@ def evaluate_command(argv) -> int:
     import json
 
     from .data.build import DatasetBuildError
-    from .design import evaluate, examples_from, format_table
+    from .evaluation import evaluate, examples_from, format_table
 
     parser = argparse.ArgumentParser(
         prog="protmask evaluate",

@@ -10,7 +10,8 @@ import torch
 
 from protmask import ProtMaskConfig, ProtMaskForMaskedLM, ProtMaskProcessor, ProtMaskTokenizer, parse_structure
 from protmask.data.collator import StructureDataset
-from protmask.design import DesignError, design_sequences, evaluate, examples_from, parse_fix
+from protmask.design import DesignError, design_sequences, parse_fix
+from protmask.evaluation import evaluate, examples_from
 
 SMALL = dict(hidden_dim=64, num_encoder_layers=2, num_decoder_layers=2, num_neighbors=16, dropout=0.0,
              backbone_noise=0.0)

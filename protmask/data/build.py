@@ -94,7 +94,7 @@ def is_built_dataset(path) -> bool:
     return (Path(path) / "dataset_dict.json").is_file()
 
 
-def find_structure_files(pdb_path) -> tuple[list[Path], Path]:
+def find_structure_files(pdb_path, flag: str = "--pdb_path") -> tuple[list[Path], Path]:
     """The structure files a ``--pdb_path`` names, and the folder their names are made relative to.
 
     Accepts a folder (searched recursively), one structure file, or a text file listing paths one a line
@@ -104,12 +104,12 @@ def find_structure_files(pdb_path) -> tuple[list[Path], Path]:
     files, roots = [], []
     for path in paths:
         if not path.exists():
-            raise DatasetBuildError(f"--pdb_path {path} does not exist; give a folder of PDB/mmCIF files, a file, or a list file")
+            raise DatasetBuildError(f"{flag} {path} does not exist; give a folder of PDB/mmCIF files, a file, or a list file")
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and is_structure_file(p))
             if not found:
                 raise DatasetBuildError(
-                    f"--pdb_path {path} holds no structure files (*.pdb, *.ent, *.cif, *.mmcif, optionally .gz)"
+                    f"{flag} {path} holds no structure files (*.pdb, *.ent, *.cif, *.mmcif, optionally .gz)"
                 )
             files += found
             roots.append(path)
@@ -124,12 +124,12 @@ def find_structure_files(pdb_path) -> tuple[list[Path], Path]:
                     item = Path(line)
                     listed.append(item if item.is_absolute() else path.parent / item)
             if not listed:
-                raise DatasetBuildError(f"--pdb_path {path} is a list file with no paths in it")
+                raise DatasetBuildError(f"{flag} {path} is a list file with no paths in it")
             files += listed
             roots.append(path.parent)
         else:
             raise DatasetBuildError(
-                f"--pdb_path {path} is neither a folder, a structure file, a list file ({', '.join(LIST_SUFFIXES)}) "
+                f"{flag} {path} is neither a folder, a structure file, a list file ({', '.join(LIST_SUFFIXES)}) "
                 "nor a built dataset"
             )
     root = Path(os.path.commonpath([str(r.resolve()) for r in roots])) if roots else Path(".")

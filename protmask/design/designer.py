@@ -1,0 +1,171 @@
+"""Designing sequences for structures with a trained model: `design_plan` for one planned structure,
+`design_sequences` for the Python API, `write_fasta` / `write_probabilities` for the outputs."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..residues import AMINO_ACIDS
+from .constraints import DesignOptions, DesignPlan, plan_design
+from .decoding import decode
+from .scoring import ALWAYS_HIDDEN, CONTEXT, ranked_log_probs
+from ..structure import parse_structure
+
+#: The residues that are not designed are scored for the global score in this many seeded blocks, each
+#: seeing the blocks before it (ProteinMPNN decodes them one at a time; blocks keep it to a few passes).
+GLOBAL_SCORE_BLOCKS = 10
+
+
+@dataclass
+class Design:
+    sequence: str            # the designed chains, joined with "/"
+    recovery: float          # identity to the native residues at designed positions
+    mean_probability: float  # mean model probability of the chosen residues
+    seed: int
+    temperature: float
+    positions: list = field(default_factory=list)  # (chain, residue id, native, designed, probability)
+    score: float = float("nan")         # mean negative log-likelihood of the designed residues
+    global_score: float = float("nan")  # the same over every residue with a backbone
+    decoding: str = "mask_predict"
+    sampled: np.ndarray | None = None   # [designed positions, 20]: the distributions the residues were drawn from
+
+
+@dataclass
+class DesignResult:
+    name: str
+    chain_ids: list[str]
+    native: str              # the native sequence of the designed chains, joined with "/"
+    designs: list[Design]
+    designed_positions: int
+    model_name: str = ""
+
+
+def load_model(path, device=None):
+    """A saved model folder (or hub id) → (model in eval mode, processor masking at its training ratio)."""
+    import protmask  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    from ..data.collator import ProtMaskProcessor
+
+    transformers_logging.disable_progress_bar()
+    model = AutoModelForMaskedLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    if device is not None:
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    processor = ProtMaskProcessor(tokenizer, mask_ratio=model.config.mask_ratio)
+    return model, processor
+
+
+def design_sequences(model, processor, pdb, chains=None, fix=None, fill=None, num_samples: int = 1,
+                     temperature: float = 0.1, seed: int = 0, rounds: int = 10, decoding: str = "mask_predict",
+                     **controls) -> DesignResult:
+    """Design sequences for chains of a structure file (or a list of `ProteinChain`).
+
+    ``chains`` picks the chains to design (default all; the others stay visible as context). ``fix`` keeps
+    native residues (``"A1-10,A45"``). ``fill`` is a sequence for the designed chains (joined with "/",
+    or without separators) where ``_`` marks the positions to fill. ``controls`` are the other fields of
+    `DesignOptions`: ``tie``, ``homo_oligomer``, ``omit_aa``, ``bias_aa``, ``bias``, ``omit``. Residues
+    without a complete backbone cannot be designed and keep their native letter unless tied to one that can.
+    ``decoding`` is ``mask_predict`` (``rounds`` rounds) or ``autoregressive``. Deterministic for a seed.
+    """
+    structure = parse_structure(pdb) if isinstance(pdb, (str, Path)) else list(pdb)
+    plan = plan_design(structure, DesignOptions(chains=chains, fix=fix, fill=fill, **controls))
+    return design_plan(model, processor, plan, num_samples, temperature, seed, rounds, decoding)
+
+
+def design_plan(model, processor, plan: DesignPlan, num_samples: int = 1, temperature: float = 0.1, seed: int = 0,
+                rounds: int = 10, decoding: str = "mask_predict") -> DesignResult:
+    """``num_samples`` designs of one planned structure; sample i is drawn with seed ``seed + i``."""
+    device = next(model.parameters()).device
+    tokenizer = processor.tokenizer
+    allowed = torch.tensor(tokenizer.amino_acid_ids, device=device)
+    batch = {k: v.to(device) for k, v in processor([plan.example]).items()}
+    width = batch["input_ids"].shape[1]
+    length = len(plan.index)
+    batch["input_ids"][0, :length] = torch.from_numpy(processor.encode_sequence("".join(plan.tokens)))
+    padded = lambda array, fill: torch.nn.functional.pad(torch.as_tensor(array), (0, width - length), value=fill)  # noqa: E731
+    unit_of = padded(plan.unit_of, -1)[None]
+    scoring = padded(plan.scoring, False)[None]
+    bias = torch.from_numpy(plan.bias)[None]
+    bias = torch.nn.functional.pad(bias, (0, 0, 0, width - length))
+    native = np.array(list(plan.example.sequence))
+    recovered = plan.scoring & np.isin(native, list(AMINO_ACIDS))
+    designed = np.flatnonzero(plan.designed)
+    designs = []
+    for sample in range(num_samples):
+        generator = torch.Generator().manual_seed(seed + sample)
+        result = decode(model, batch, unit_of, scoring, allowed, tokenizer.mask_token_id, bias, decoding,
+                        temperature, rounds, generator)
+        letters = np.array(tokenizer.convert_ids_to_tokens(result.tokens[0, :length].tolist()))
+        log_prob = result.log_prob[0, :length].cpu().numpy()
+        designed_nll = -log_prob[plan.scoring]
+        others = _global_score_terms(model, batch, plan, letters, allowed, tokenizer.mask_token_id, seed + sample)
+        probability = np.exp(log_prob)
+        positions = [(plan.index.chain_ids[plan.index.chain_of[p]], plan.index.labels[p][len(plan.index.chain_ids[
+            plan.index.chain_of[p]]):], native[p], letters[p], float(probability[p])) for p in designed]
+        designs.append(Design(
+            sequence=plan.sequence_of(letters),
+            recovery=float((letters[recovered] == native[recovered]).mean()) if recovered.any() else float("nan"),
+            mean_probability=float(np.nanmean(probability[plan.scoring])),
+            seed=seed + sample, temperature=temperature, positions=positions,
+            score=float(designed_nll.mean()),
+            global_score=float(np.concatenate([designed_nll, others]).mean()),
+            decoding=decoding, sampled=result.sampled[0, designed].cpu().numpy()))
+    return DesignResult(plan.name, plan.chosen, plan.sequence_of(native), designs, int(plan.designed.sum()),
+                        str(getattr(model, "name_or_path", "") or ""))
+
+
+def _global_score_terms(model, batch, plan: DesignPlan, letters, allowed, mask_token_id: int, seed: int) -> np.ndarray:
+    """Negative log-likelihoods of the residues that were not designed, decoded before the designed ones in
+    `GLOBAL_SCORE_BLOCKS` seeded blocks (the designed residues stay hidden, as they were when drawn)."""
+    has_backbone = np.isfinite(plan.example.coords).all(axis=(1, 2))
+    scored = has_backbone & ~plan.designed & np.isin(letters, list(AMINO_ACIDS))
+    if not scored.any():
+        return np.zeros(0)
+    rank = np.full(len(letters), CONTEXT)
+    rank[plan.designed] = ALWAYS_HIDDEN
+    rank[scored] = np.random.default_rng(seed).integers(0, GLOBAL_SCORE_BLOCKS, int(scored.sum()))
+    log_probs = ranked_log_probs(model, batch, torch.from_numpy(rank), mask_token_id, allowed).cpu().numpy()
+    letter_index = np.array([AMINO_ACIDS.index(c) for c in letters[scored]])
+    return -log_probs[np.flatnonzero(scored), letter_index]
+
+
+def structure_stem(name: str) -> str:
+    return re.sub(r"\.(pdb|ent|cif|mmcif)(\.gz)?$", "", Path(name).name)
+
+
+def fasta_records(result: DesignResult) -> list[str]:
+    """FASTA lines: the native sequence, then each design with the fields ProteinMPNN users look for."""
+    stem = structure_stem(result.name)
+    model = f" model={result.model_name}" if result.model_name else ""
+    lines = [f">{stem}_native chains={','.join(result.chain_ids)} designed_positions={result.designed_positions}"
+             f"{model}", result.native]
+    for number, item in enumerate(result.designs, 1):
+        lines.append(f">{stem}_design_{number} score={item.score:.4f} global_score={item.global_score:.4f} "
+                     f"recovery={item.recovery:.4f} temperature={item.temperature:g} seed={item.seed} "
+                     f"decoding={item.decoding} mean_probability={item.mean_probability:.4f}{model}")
+        lines.append(item.sequence)
+    return lines
+
+
+def write_fasta(result: DesignResult, path) -> None:
+    Path(path).write_text("\n".join(fasta_records(result)) + "\n")
+
+
+def probability_rows(result: DesignResult, header: bool = True) -> list[str]:
+    """TSV rows per designed position: the chosen residue, the model's probability of it, and the
+    distribution it was drawn from (after ties, bias, omit and temperature), one column per amino acid."""
+    lines = ["structure\tsample\tchain\tresidue\tnative\tdesigned\tprobability\t" +
+             "\t".join(f"p_{a}" for a in AMINO_ACIDS)] if header else []
+    stem = structure_stem(result.name)
+    for number, item in enumerate(result.designs, 1):
+        for (chain, residue, native, designed, probability), distribution in zip(item.positions, item.sampled):
+            lines.append(f"{stem}\t{number}\t{chain}\t{residue}\t{native}\t{designed}\t{probability:.4f}\t" +
+                         "\t".join(f"{p:.4f}" for p in distribution))
+    return lines

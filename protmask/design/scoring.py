@@ -1,0 +1,87 @@
+"""Scoring sequences on a backbone: log-likelihood over decoding orders (ProteinMPNN's ``--score_only``) and
+masked-marginal mutation scans."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..residues import AMINO_ACIDS
+from .constraints import DesignOptions, plan_design
+from .decoding import log_probs_with_hidden
+
+ALWAYS_HIDDEN = -2  # a rank for positions that stay hidden and are not scored
+CONTEXT = -1        # a rank for positions that stay visible and are not scored
+
+
+@torch.no_grad()
+def ranked_log_probs(model, batch: dict, rank: torch.Tensor, mask_token_id: int, allowed: torch.Tensor,
+                     chunk: int = 16, structure=None) -> torch.Tensor:
+    """log p over the 20 amino acids at each position with rank ≥ 0, seeing exactly the positions of lower
+    rank (an autoregressive factorisation when ranks are a permutation; positions sharing a rank are
+    decoded together). ``CONTEXT`` positions are always seen, ``ALWAYS_HIDDEN`` never. ``rank``: ``[L]``
+    for the one example in ``batch``. Returns ``[L, 20]``; rows of unscored positions are NaN."""
+    rank = rank.to(batch["input_ids"].device)
+    width = batch["input_ids"].shape[1]
+    rank = torch.nn.functional.pad(rank, (0, width - len(rank)), value=CONTEXT)
+    levels = torch.unique(rank[rank >= 0])
+    hidden = (rank[None, :] >= levels[:, None]) | (rank == ALWAYS_HIDDEN)[None, :]
+    log_probs = log_probs_with_hidden(model, batch, hidden, mask_token_id, allowed, chunk, structure)
+    result = torch.full((width, len(allowed)), float("nan"), device=log_probs.device)
+    for row, level in enumerate(levels.tolist()):
+        where = rank == level
+        result[where] = log_probs[row, where]
+    return result[: len(rank)]
+
+
+@dataclass
+class MutationScan:
+    """One row per scanned position (or tie group): Δ log-likelihood of each of the 20 amino acids against
+    the native residue, with the position hidden (masked marginal). Summed over a group's members."""
+
+    name: str
+    labels: list[str] = field(default_factory=list)       # the row's first residue, e.g. "A12"
+    natives: list[str] = field(default_factory=list)
+    tied: list[list[str]] = field(default_factory=list)   # every residue the row's mutation is applied to
+    values: np.ndarray | None = None                       # [rows, 20], alphabet order
+
+
+@torch.no_grad()
+def mutation_scan(model, processor, structure, options: DesignOptions | None = None, chunk: int = 16) -> MutationScan:
+    """Every single mutant of the designed chains of ``structure`` (a list of `ProteinChain`), scored as
+    log p(mutant) − log p(native) at the hidden position with the rest of the native sequence visible.
+
+    ``options`` picks chains (``chains``) and ties (``tie``, ``homo_oligomer``): a tied row hides every copy
+    and sums the copies' differences, i.e. scores the mutation applied to all of them.
+    """
+    plan = plan_design(structure, options or DesignOptions())
+    device = next(model.parameters()).device
+    allowed = torch.tensor(processor.tokenizer.amino_acid_ids, device=device)
+    batch = {k: v.to(device) for k, v in processor([plan.example]).items()}
+    native = np.array(list(plan.example.sequence))
+    standard = np.isin(native, list(AMINO_ACIDS))
+    units = [np.flatnonzero((plan.unit_of == u) & plan.scoring & standard) for u in range(plan.num_units)]
+    units = sorted((u for u in units if len(u)), key=lambda u: u[0])
+    hidden = torch.zeros(len(units), batch["input_ids"].shape[1], dtype=torch.bool)
+    for row, members in enumerate(units):
+        hidden[row, members] = True
+    log_probs = log_probs_with_hidden(model, batch, hidden, processor.tokenizer.mask_token_id, allowed, chunk)
+    native_index = np.array([AMINO_ACIDS.index(c) if c in AMINO_ACIDS else 0 for c in native])
+    values = np.zeros((len(units), len(AMINO_ACIDS)))
+    for row, members in enumerate(units):
+        at = log_probs[row, torch.as_tensor(members, device=device)].double().cpu().numpy()  # [members, 20]
+        values[row] = (at - at[np.arange(len(members)), native_index[members]][:, None]).sum(0)
+    labels = [plan.index.labels[u[0]] for u in units]
+    return MutationScan(plan.name, labels, [native[u[0]] for u in units],
+                        [[plan.index.labels[p] for p in u] for u in units], values)
+
+
+def write_scan_csv(scan: MutationScan, path) -> None:
+    lines = ["residue,native,tied_with," + ",".join(AMINO_ACIDS)]
+    for label, native, tied, row in zip(scan.labels, scan.natives, scan.tied, scan.values):
+        lines.append(f"{label},{native},{' '.join(t for t in tied if t != label)}," +
+                     ",".join(f"{v:.4f}" for v in row))
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
