@@ -1,4 +1,4 @@
-"""The ``protmask`` command: build-dataset, train, design, evaluate, plot."""
+"""The ``protmask`` command: build-dataset, train, design, score, evaluate, plot."""
 
 from __future__ import annotations
 
@@ -41,62 +41,206 @@ def load_model_for(command: str, args):
     from .design import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"protmask {command}: error: --device {device}: this machine has no CUDA GPU; use --device cpu",
+              file=sys.stderr)
+        return None
     try:
         return load_model(args.model, device)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         print(f"protmask {command}: error: cannot load the model {args.model}: {error}", file=sys.stderr)
         return None
 
 
+def add_design_control_arguments(parser) -> None:
+    """The constraints shared by design and score: chains, fixed, tied, bias and omit."""
+    parser.add_argument("--chains", default=None, help="chains to design, e.g. A,B (default: all; others stay as context)")
+    parser.add_argument("--fix", default=None, help="native residues to keep, e.g. 'A1-10,A45' (file numbering)")
+    parser.add_argument("--tie", default=None,
+                        help="groups of residues that receive one residue, ';' between groups: 'A12,B12;A13,B13'. "
+                             "Ranges of equal length tie element by element: 'A1-50,B1-50'. The residue is drawn "
+                             "from the group's averaged log-probabilities; a fixed member fixes the group")
+    parser.add_argument("--homo_oligomer", action="store_true",
+                        help="tie every position of designed chains that have the same native sequence (chains of "
+                             "different length are aligned by residue number)")
+    parser.add_argument("--omit_aa", default="", help="amino acids never designed, e.g. CW")
+    parser.add_argument("--bias_aa", default=None,
+                        help="added to the log-probabilities of these amino acids everywhere, e.g. 'A:-1.0,K:0.5'")
+    parser.add_argument("--bias_file", default=None,
+                        help='JSON of per-residue biases: {"A12": {"K": 2.0}, "B1-10": {"P": -3}}')
+    parser.add_argument("--omit_file", default=None, help='JSON of per-residue omitted letters: {"A12": "CW"}')
+
+
+def design_options(args):
+    """The parsed flags → `DesignOptions` (reading --bias_file and --omit_file)."""
+    from .design.constraints import DesignOptions, read_json_option
+
+    return DesignOptions(
+        chains=args.chains.split(",") if args.chains else None, fix=getattr(args, "fix", None),
+        fill=getattr(args, "fill", None), tie=args.tie, homo_oligomer=args.homo_oligomer, omit_aa=args.omit_aa,
+        bias_aa=args.bias_aa,
+        bias=read_json_option(args.bias_file, "--bias_file") if args.bias_file else None,
+        omit=read_json_option(args.omit_file, "--omit_file") if args.omit_file else None)
+
+
+def structure_files(paths, command: str):
+    """The structure files named by --pdb (files, folders, list files), or None after saying why not."""
+    from .data.build import DatasetBuildError, find_structure_files
+
+    try:
+        return find_structure_files(paths, flag="--pdb")[0]
+    except DatasetBuildError as error:
+        print(f"protmask {command}: error: {error}", file=sys.stderr)
+        return None
+
+
 def design_command(argv) -> int:
-    from .design import DesignError, design_sequences, write_fasta
-    from .structure import StructureError
+    import math
+
+    from .design import DECODINGS, DesignError, design_plan, format_plan, plan_design
+    from .design.designer import fasta_records, probability_rows, structure_stem
+    from .structure import StructureError, parse_structure
 
     parser = argparse.ArgumentParser(
         prog="protmask design",
-        description="Design sequences for a backbone, or fill in masked positions, with a trained model. "
-                    "Writes FASTA: the native sequence, then each design with its recovery against native and "
-                    "mean per-residue probability.")
+        description="Design sequences for backbones, or fill in masked positions, with a trained model. Writes "
+                    "FASTA: the native sequence, then each design with score (mean negative log-likelihood of the "
+                    "designed residues), global score (of every residue), recovery against native, temperature, "
+                    "seed, decoding and model. Exit status: 0 all structures designed, 1 some failed (listed), "
+                    "2 bad options or none designed.")
     parser.add_argument("--model", required=True, help="a save_pretrained folder (final/ or best/ of a run), or a hub id")
-    parser.add_argument("--pdb", required=True, help="the structure file (.pdb, .cif, .ent, optionally .gz)")
-    parser.add_argument("--chains", default=None, help="chains to design, e.g. A,B (default: all; others stay as context)")
-    parser.add_argument("--fix", default=None, help="native residues to keep, e.g. 'A1-10,A45' (file numbering)")
+    parser.add_argument("--pdb", required=True, nargs="+",
+                        help="structure files (.pdb, .cif, .ent, optionally .gz), folders of them, or list files")
+    add_design_control_arguments(parser)
     parser.add_argument("--fill", default=None,
                         help="the designed chains' sequence with positions to fill written as _ (chains may be "
                              "separated by /); only those are designed")
-    parser.add_argument("--num_samples", type=int, default=1, help="designs to write")
+    parser.add_argument("--decoding", choices=DECODINGS, default="mask_predict",
+                        help="mask_predict: all positions hidden, the most confident committed over --rounds rounds "
+                             "(suits models trained with the masked objective, best with --mask_ratio_max 1.0); "
+                             "autoregressive: one residue (or tie group) at a time in a seeded random order, each "
+                             "seeing those before it (ProteinMPNN's decoding; one decoder pass per residue)")
+    parser.add_argument("--num_samples", type=int, default=1, help="designs per structure")
     parser.add_argument("--temperature", type=float, default=0.1,
                         help="0 takes the most likely residue; higher samples more diverse sequences")
     parser.add_argument("--rounds", type=int, default=10, help="mask-predict rounds")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", required=True, help="FASTA file to write")
+    parser.add_argument("--seed", type=int, default=0, help="design i of every structure uses seed + i")
+    parser.add_argument("--output", default=None, help="one FASTA file for all structures")
+    parser.add_argument("--output_dir", default=None, help="a folder for one FASTA per structure (STEM.fasta)")
     parser.add_argument("--probabilities", default=None,
-                        help="also write a TSV of each designed position: chain, residue, native, designed, probability")
+                        help="also write a TSV of each designed position: structure, sample, chain, residue, native, "
+                             "designed, the model's probability of it, and the distribution it was drawn from "
+                             "(after ties, bias, omit and temperature) as p_A ... p_Y")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="print the designed, fixed, tied, biased and omitted positions of each structure, and stop")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     args = parser.parse_args(argv)
-    if args.num_samples < 1 or args.rounds < 1 or args.temperature < 0:
-        parser.error("--num_samples and --rounds must be positive and --temperature zero or more")
+    if args.num_samples < 1 or args.rounds < 1 or not math.isfinite(args.temperature) or args.temperature < 0:
+        parser.error("--num_samples and --rounds must be positive and --temperature a finite number, zero or more")
+    if not args.dry_run and not (args.output or args.output_dir):
+        parser.error("give --output FILE (one FASTA) or --output_dir DIR (one FASTA per structure)")
+    files = structure_files(args.pdb, "design")
+    if files is None:
+        return 2
+    try:
+        options = design_options(args)
+    except DesignError as error:
+        print(f"protmask design: error: {error}", file=sys.stderr)
+        return 2
+
+    plans, failed = [], []
+    for path in files:
+        try:
+            plans.append(plan_design(parse_structure(path), options))
+        except (DesignError, StructureError) as error:
+            failed.append((path, str(error)))
+    if args.dry_run:
+        for plan in plans:
+            print(format_plan(plan))
+        return report_failures("design", failed, len(plans))
+    if not plans:
+        return report_failures("design", failed, 0)
     loaded = load_model_for("design", args)
     if loaded is None:
         return 2
     model, processor = loaded
-    try:
-        result = design_sequences(model, processor, args.pdb, chains=args.chains.split(",") if args.chains else None,
-                                  fix=args.fix, fill=args.fill, num_samples=args.num_samples,
-                                  temperature=args.temperature, seed=args.seed, rounds=args.rounds)
-    except (DesignError, StructureError) as error:
-        print(f"protmask design: error: {error}", file=sys.stderr)
-        return 2
-    write_fasta(result, args.output)
-    if args.probabilities:
-        lines = ["sample\tchain\tresidue\tnative\tdesigned\tprobability"]
+    for folder in filter(None, [args.output_dir, args.output and Path(args.output).parent,
+                                args.probabilities and Path(args.probabilities).parent]):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    fasta, tsv = [], []
+    for plan in plans:
+        result = design_plan(model, processor, plan, args.num_samples, args.temperature, args.seed, args.rounds,
+                             args.decoding)
+        if args.output_dir:
+            path = Path(args.output_dir) / f"{structure_stem(result.name)}.fasta"
+            path.write_text("\n".join(fasta_records(result)) + "\n")
+        fasta += fasta_records(result)
+        tsv += probability_rows(result, header=not tsv)
         for number, item in enumerate(result.designs, 1):
-            lines += [f"{number}\t{c}\t{r}\t{n}\t{d}\t{p:.4f}" for c, r, n, d, p in item.positions]
-        Path(args.probabilities).write_text("\n".join(lines) + "\n")
-    for number, item in enumerate(result.designs, 1):
-        print(f"design {number}: recovery {item.recovery:.3f}, mean probability {item.mean_probability:.3f}, "
-              f"{result.designed_positions} positions designed")
-    print(f"wrote {args.output}")
+            print(f"{result.name} design {number}: score {item.score:.3f}, recovery {item.recovery:.3f}, "
+                  f"{result.designed_positions} positions designed")
+    if args.output:
+        Path(args.output).write_text("\n".join(fasta) + "\n")
+    if args.probabilities:
+        Path(args.probabilities).write_text("\n".join(tsv) + "\n")
+    print(f"wrote {args.output or args.output_dir}")
+    return report_failures("design", failed, len(plans))
+
+
+def report_failures(command: str, failed, succeeded: int) -> int:
+    """List the structures that could not be used; 0 if none failed, 1 if some did, 2 if all did."""
+    for path, reason in failed:
+        print(f"protmask {command}: skipped {path}: {reason}", file=sys.stderr)
+    if failed:
+        print(f"protmask {command}: {len(failed)} of {len(failed) + succeeded} structures failed", file=sys.stderr)
+    return 0 if not failed else (1 if succeeded else 2)
+
+
+def score_command(argv) -> int:
+    from .design import DesignError, DesignOptions, mutation_scan, plan_design
+    from .design.scoring import write_scan_csv
+    from .structure import StructureError, parse_structure
+
+    parser = argparse.ArgumentParser(
+        prog="protmask score",
+        description="Score sequences on a backbone. --mutation_scan: every single mutant of the chosen chains as "
+                    "log p(mutant) - log p(native) with that position hidden and the rest of the native sequence "
+                    "visible (masked marginal), one CSV row per position with the 20 values, and a heat map PNG "
+                    "beside it when matplotlib is installed.")
+    parser.add_argument("--model", required=True, help="a save_pretrained folder or hub id")
+    parser.add_argument("--pdb", required=True, help="the structure file")
+    parser.add_argument("--mutation_scan", action="store_true", help="score every single mutant (see above)")
+    parser.add_argument("--chains", default=None, help="chains to scan, e.g. A (default: all)")
+    parser.add_argument("--homo_oligomer", action="store_true",
+                        help="tie chains with the same sequence: a row scores the mutation applied to every copy")
+    parser.add_argument("--tie", default=None, help="tie groups as in protmask design: each scores as one mutation")
+    parser.add_argument("--output", required=True, help="CSV to write")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    if not args.mutation_scan:
+        parser.error("say what to score: --mutation_scan")
+    try:
+        structure = parse_structure(args.pdb)
+        options = DesignOptions(chains=args.chains.split(",") if args.chains else None, tie=args.tie,
+                                homo_oligomer=args.homo_oligomer)
+        plan_design(structure, options)  # the options are checked before the model is loaded
+    except (DesignError, StructureError) as error:
+        print(f"protmask score: error: {error}", file=sys.stderr)
+        return 2
+    loaded = load_model_for("score", args)
+    if loaded is None:
+        return 2
+    model, processor = loaded
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    scan = mutation_scan(model, processor, structure, options)
+    write_scan_csv(scan, args.output)
+    print(f"wrote {args.output}: {len(scan.labels)} positions x 20 amino acids")
+    try:
+        from .plotting import plot_mutation_scan
+
+        print(f"wrote {plot_mutation_scan(scan, Path(args.output).with_suffix('.png'))}")
+    except ImportError:
+        print("no heat map: install matplotlib (pip install 'protmask[plot]')")
     return 0
 
 
@@ -172,7 +316,8 @@ def plot_command(argv) -> int:
 COMMANDS = {
     "build-dataset": (build_dataset_command, "parse structure files into a cached Arrow dataset"),
     "train": (train_command, "train a model (the same flags as train_accelerate.py)"),
-    "design": (design_command, "design or fill in sequences for a backbone"),
+    "design": (design_command, "design or fill in sequences for backbones, with ties, bias and omit"),
+    "score": (score_command, "score mutations of a structure's sequence (mutation scan)"),
     "evaluate": (evaluate_command, "evaluate a trained model on structure files"),
     "plot": (plot_command, "draw a training run's curves"),
 }

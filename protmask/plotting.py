@@ -48,3 +48,36 @@ def plot_run(run_dir, output=None) -> Path:
     figure.savefig(output, dpi=110)
     plt.close(figure)
     return output
+
+
+def plot_mutation_scan(scan, output) -> Path:
+    """A position × amino-acid heat map of a `MutationScan` (Δ log-likelihood against native; the native
+    residue of each position is outlined). Raises ImportError without matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .residues import AMINO_ACIDS
+
+    values = np.asarray(scan.values).T  # [20, positions]
+    limit = float(np.nanmax(np.abs(values))) or 1.0
+    width = min(40.0, 2.0 + 0.12 * values.shape[1])
+    figure, axis = plt.subplots(figsize=(width, 4.2))
+    image = axis.imshow(values, aspect="auto", cmap="RdBu", vmin=-limit, vmax=limit, interpolation="nearest")
+    for column, native in enumerate(scan.natives):
+        if native in AMINO_ACIDS:
+            axis.add_patch(plt.Rectangle((column - 0.5, AMINO_ACIDS.index(native) - 0.5), 1, 1, fill=False, lw=0.6))
+    axis.set_yticks(range(len(AMINO_ACIDS)), list(AMINO_ACIDS))
+    step = max(1, len(scan.labels) // 40)
+    axis.set_xticks(range(0, len(scan.labels), step), scan.labels[::step], rotation=90, fontsize=7)
+    axis.set_xlabel("position")
+    axis.set_ylabel("amino acid")
+    axis.set_title(f"{scan.name}: log p(mutant) - log p(native), masked marginal")
+    figure.colorbar(image, ax=axis, fraction=0.02, pad=0.01)
+    figure.tight_layout()
+    output = Path(output)
+    figure.savefig(output, dpi=110)
+    plt.close(figure)
+    return output

@@ -44,6 +44,8 @@ def test_design_recovers_a_memorised_chain_and_is_seeded(memorised, sample_dir):
     model, processor, chain = memorised
     greedy = design_sequences(model, processor, [chain], temperature=0.0)
     assert greedy.designs[0].recovery > 0.8
+    autoregressive = design_sequences(model, processor, [chain], temperature=0.0, decoding="autoregressive")
+    assert autoregressive.designs[0].recovery > 0.8
     # Sampling: an untrained model spreads its probability, so seeds show.
     torch.manual_seed(0)
     fresh = ProtMaskForMaskedLM(ProtMaskConfig(**SMALL)).eval()

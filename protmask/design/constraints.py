@@ -208,9 +208,10 @@ def plan_design(structure: Sequence[ProteinChain], options: DesignOptions) -> De
         raise DesignError("nothing to design: every position of the designed chains is fixed, given by --fill "
                           "or lacks a complete backbone (N, CA, C, O)")
 
-    bias = np.zeros((len(index), len(AMINO_ACIDS)), dtype=np.float32)
+    global_bias = np.zeros(len(AMINO_ACIDS), dtype=np.float32)
     for letter, value in parse_bias_aa(options.bias_aa).items():
-        bias[:, AMINO_ACIDS.index(letter)] += value
+        global_bias[AMINO_ACIDS.index(letter)] = value
+    bias = np.zeros((len(index), len(AMINO_ACIDS)), dtype=np.float32)  # per residue, from --bias_file
     for key, letters in (options.bias or {}).items():
         if not isinstance(letters, Mapping):
             raise DesignError(f"--bias_file: {key!r} must map to {{letter: bias}}, e.g. {{\"K\": 2.0}}")
@@ -241,14 +242,18 @@ def plan_design(structure: Sequence[ProteinChain], options: DesignOptions) -> De
             if len(letters) > 1:
                 raise DesignError(f"tie group {index.format(members)}: its fixed members disagree "
                                   f"({', '.join(f'{index.labels[p]}={tokens[p]}' for p in given)})")
-            tokens[members] = letters.pop()  # the whole group takes the fixed residue
+            letter = letters.pop()
+            tokens[members] = letter  # the whole group takes the fixed residue
             designed[members] = False
+            notes.append(f"tie group {index.format(members)}: takes the fixed residue {letter} of "
+                         f"{index.format(given)}")
             continue
         if not has_backbone[members].any():
             notes.append(f"tie group {index.format(members)}: no member has a backbone; kept native")
             continue
         designed[members] = True  # members without a backbone follow their group
         omitted[members] = omitted[members].any(0)  # a letter omitted at one member is omitted for all
+        bias[members] = bias[members].sum(0)  # a residue's own bias applies to the group that decides it
         tied_groups.append(members.tolist())
     scoring = designed & has_backbone
 
@@ -258,6 +263,7 @@ def plan_design(structure: Sequence[ProteinChain], options: DesignOptions) -> De
     singles = np.flatnonzero(designed & (unit_of < 0))
     unit_of[singles] = len(tied_groups) + np.arange(len(singles))
     _check_allowed(index, unit_of, omitted, designed)
+    bias += global_bias
     bias[omitted] = -np.inf
     return DesignPlan(chains, index, example, chosen, tokens, designed, scoring, unit_of, fixed, bias, tied_groups,
                       notes)
