@@ -28,6 +28,12 @@ class DecodedSequences:
     step: torch.Tensor
 
 
+def encode(model, batch: dict):
+    """The structure encoder's output for ``batch``, reusable by every decoder pass over it."""
+    return model.protmask.encode_structure(batch["coords"], batch["attention_mask"], batch["residue_index"],
+                                           batch["chain_index"])
+
+
 def amino_acid_log_probs(model, tokens: torch.Tensor, structure, allowed: torch.Tensor) -> torch.Tensor:
     """log p over the 20 amino acids at every position: ``[B, L, 20]`` (float32)."""
     logits = model.logits_from_structure(tokens, structure)[..., allowed]
@@ -47,21 +53,22 @@ def _rank_within_example(key: torch.Tensor, example_of_unit: torch.Tensor) -> to
 @torch.no_grad()
 def decode(model, batch: dict, unit_of: torch.Tensor, scoring: torch.Tensor, allowed: torch.Tensor,
            mask_token_id: int, bias: torch.Tensor | None = None, decoding: str = "mask_predict",
-           temperature: float = 0.0, rounds: int = 10, generator: torch.Generator | None = None) -> DecodedSequences:
+           temperature: float = 0.0, rounds: int = 10, generator: torch.Generator | None = None,
+           structure=None) -> DecodedSequences:
     """Fill every position with ``unit_of >= 0`` (``[B, L]``): positions of one unit get one residue.
 
     A unit's distribution is the mean of its ``scoring`` members' log-probabilities plus ``bias``
     (``[B, L, 20]``, -inf omits), divided by ``temperature``: the argmax at temperature 0, else a sample.
     ``mask_predict`` starts with all units hidden and each round commits the most confident 1/(rounds left);
     ``autoregressive`` decodes one unit per step in a random order drawn from ``generator``, each seeing
-    the residues decoded before it.
+    the residues decoded before it. ``structure``: the batch's encoding, when the caller already has it.
     """
     if decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
     device = batch["input_ids"].device
     shape = batch["input_ids"].shape
-    structure = model.protmask.encode_structure(batch["coords"], batch["attention_mask"], batch["residue_index"],
-                                                batch["chain_index"])
+    if structure is None:
+        structure = encode(model, batch)
     flat_unit = unit_of.reshape(-1).to(device)
     designed = flat_unit >= 0
     members = torch.nonzero(designed & scoring.reshape(-1).to(device)).flatten()
@@ -124,8 +131,7 @@ def log_probs_with_hidden(model, batch: dict, hidden: torch.Tensor, mask_token_i
     n, the positions ``hidden[n]`` show the mask token and the rest of ``batch`` (one example) is visible.
     Returns ``[N, L, 20]``. The structure is encoded once; decoder passes run ``chunk`` rows at a time."""
     if structure is None:
-        structure = model.protmask.encode_structure(batch["coords"], batch["attention_mask"], batch["residue_index"],
-                                                    batch["chain_index"])
+        structure = encode(model, batch)
     results = []
     for start in range(0, len(hidden), chunk):
         rows = hidden[start:start + chunk].to(batch["input_ids"].device)

@@ -12,7 +12,7 @@ import torch
 
 from ..residues import AMINO_ACIDS
 from .constraints import DesignOptions, DesignPlan, plan_design
-from .decoding import decode
+from .decoding import decode, encode
 from .scoring import ALWAYS_HIDDEN, CONTEXT, ranked_log_probs
 from ..structure import parse_structure
 
@@ -97,15 +97,17 @@ def design_plan(model, processor, plan: DesignPlan, num_samples: int = 1, temper
     native = np.array(list(plan.example.sequence))
     recovered = plan.scoring & np.isin(native, list(AMINO_ACIDS))
     designed = np.flatnonzero(plan.designed)
+    encoding = encode(model, batch)
     designs = []
     for sample in range(num_samples):
         generator = torch.Generator().manual_seed(seed + sample)
         result = decode(model, batch, unit_of, scoring, allowed, tokenizer.mask_token_id, bias, decoding,
-                        temperature, rounds, generator)
+                        temperature, rounds, generator, encoding)
         letters = np.array(tokenizer.convert_ids_to_tokens(result.tokens[0, :length].tolist()))
         log_prob = result.log_prob[0, :length].cpu().numpy()
         designed_nll = -log_prob[plan.scoring]
-        others = _global_score_terms(model, batch, plan, letters, allowed, tokenizer.mask_token_id, seed + sample)
+        others = _global_score_terms(model, batch, encoding, plan, letters, allowed, tokenizer.mask_token_id,
+                                     seed + sample)
         probability = np.exp(log_prob)
         positions = [(plan.index.chain_ids[plan.index.chain_of[p]], plan.index.labels[p][len(plan.index.chain_ids[
             plan.index.chain_of[p]]):], native[p], letters[p], float(probability[p])) for p in designed]
@@ -121,7 +123,8 @@ def design_plan(model, processor, plan: DesignPlan, num_samples: int = 1, temper
                         str(getattr(model, "name_or_path", "") or ""))
 
 
-def _global_score_terms(model, batch, plan: DesignPlan, letters, allowed, mask_token_id: int, seed: int) -> np.ndarray:
+def _global_score_terms(model, batch, encoding, plan: DesignPlan, letters, allowed, mask_token_id: int,
+                        seed: int) -> np.ndarray:
     """Negative log-likelihoods of the residues that were not designed, decoded before the designed ones in
     `GLOBAL_SCORE_BLOCKS` seeded blocks (the designed residues stay hidden, as they were when drawn)."""
     has_backbone = np.isfinite(plan.example.coords).all(axis=(1, 2))
@@ -131,7 +134,9 @@ def _global_score_terms(model, batch, plan: DesignPlan, letters, allowed, mask_t
     rank = np.full(len(letters), CONTEXT)
     rank[plan.designed] = ALWAYS_HIDDEN
     rank[scored] = np.random.default_rng(seed).integers(0, GLOBAL_SCORE_BLOCKS, int(scored.sum()))
-    log_probs = ranked_log_probs(model, batch, torch.from_numpy(rank), mask_token_id, allowed).cpu().numpy()
+    # ``batch`` holds the plan's residues at every position that was not designed; the designed stay hidden.
+    log_probs = ranked_log_probs(model, batch, torch.from_numpy(rank), mask_token_id, allowed,
+                                 structure=encoding).cpu().numpy()
     letter_index = np.array([AMINO_ACIDS.index(c) for c in letters[scored]])
     return -log_probs[np.flatnonzero(scored), letter_index]
 

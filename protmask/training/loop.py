@@ -613,4 +613,11 @@ def main(argv=None) -> int:
     except TrainingError as error:
         print(f"train_accelerate.py: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        # Leaving the process group to the interpreter's exit has hung a rank now and then (gloo's
+        # destructor after the other rank is gone); close it while both ranks are still here.
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
