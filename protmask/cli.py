@@ -253,8 +253,9 @@ def evaluate_command(argv) -> int:
     parser = argparse.ArgumentParser(
         prog="protmask evaluate",
         description="Evaluate a trained model on structures: masked accuracy and perplexity at the model's "
-                    "training mask ratio (fixed seeded masks), recovery of full designs from structure alone, "
-                    "by chain length, with random and most-frequent-residue baselines.")
+                    "training mask ratio (fixed seeded masks); ProteinMPNN's teacher-forced accuracy and perplexity "
+                    "(every residue, in a seeded random order); recovery of full designs from structure alone "
+                    "(--decoding), by chain length; random and most-frequent-residue baselines.")
     parser.add_argument("--model", required=True, help="a save_pretrained folder or hub id")
     parser.add_argument("--pdb_path", required=True,
                         help="structure folder, file or list file, or a built dataset (see --split)")
@@ -262,8 +263,11 @@ def evaluate_command(argv) -> int:
     parser.add_argument("--min_length", type=int, default=20, help="skip chains shorter than this (as the build does)")
     parser.add_argument("--max_length", type=int, default=None, help="crop longer examples")
     parser.add_argument("--max_tokens", type=int, default=4000, help="padded residues per batch")
+    parser.add_argument("--decoding", choices=("mask_predict", "autoregressive"), default="mask_predict",
+                        help="how the designs are made (greedy): mask_predict suits models trained with the masked "
+                             "objective, autoregressive is ProteinMPNN's decoding (use it for converted weights)")
     parser.add_argument("--rounds", type=int, default=10, help="mask-predict rounds for the designs")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the fixed masks")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fixed masks and decoding orders")
     parser.add_argument("--output", default=None, help="write the metrics as JSON here")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
@@ -280,7 +284,7 @@ def evaluate_command(argv) -> int:
         return 2
     model, processor = loaded
     metrics = evaluate(model, processor, examples, max_tokens=args.max_tokens, rounds=args.rounds, seed=args.seed,
-                       max_length=args.max_length)
+                       max_length=args.max_length, decoding=args.decoding)
     metrics["files_failed"] = failed
     metrics["model"] = str(args.model)
     metrics["pdb_path"] = str(args.pdb_path)
@@ -313,6 +317,33 @@ def plot_command(argv) -> int:
     return 0
 
 
+def convert_command(argv) -> int:
+    from .models.convert_proteinmpnn import ConversionError, convert_proteinmpnn
+
+    parser = argparse.ArgumentParser(
+        prog="protmask convert-proteinmpnn",
+        description="Convert published ProteinMPNN weights (or a checkpoint of ProteinMPNN's training/training.py) "
+                    "into a protmask model folder that AutoModelForMaskedLM loads and that computes the same "
+                    "log-probabilities. CA-only weights are refused.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a .pt file, or a published name from the installed proteinmpnn package: "
+                             "vanilla/v_48_002, vanilla/v_48_010, vanilla/v_48_020, vanilla/v_48_030, soluble/v_48_0XX")
+    parser.add_argument("--output", required=True, help="the folder to write (config.json, model.safetensors, "
+                                                         "tokenizer, README.md model card)")
+    args = parser.parse_args(argv)
+    try:
+        model = convert_proteinmpnn(args.checkpoint, args.output)
+    except ConversionError as error:
+        print(f"protmask convert-proteinmpnn: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"protmask convert-proteinmpnn: error: cannot write --output {args.output}: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}: hidden {model.config.hidden_dim}, {model.config.num_neighbors} neighbours, "
+          f"backbone noise {model.config.backbone_noise} Å")
+    return 0
+
+
 COMMANDS = {
     "build-dataset": (build_dataset_command, "parse structure files into a cached Arrow dataset"),
     "train": (train_command, "train a model (the same flags as train_accelerate.py)"),
@@ -320,6 +351,7 @@ COMMANDS = {
     "score": (score_command, "score mutations of a structure's sequence (mutation scan)"),
     "evaluate": (evaluate_command, "evaluate a trained model on structure files"),
     "plot": (plot_command, "draw a training run's curves"),
+    "convert-proteinmpnn": (convert_command, "convert published ProteinMPNN weights into a protmask model"),
 }
 
 

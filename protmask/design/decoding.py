@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.modeling_protmask import CausalDecodingCache
+
 DECODINGS = ("mask_predict", "autoregressive")
 
 
@@ -34,9 +36,15 @@ def encode(model, batch: dict):
                                            batch["chain_index"])
 
 
-def amino_acid_log_probs(model, tokens: torch.Tensor, structure, allowed: torch.Tensor) -> torch.Tensor:
+def is_causal(model) -> bool:
+    """Whether the model decodes in an order (ProteinMPNN's decoder), so that passes need a decoding rank."""
+    return getattr(model.config, "decoder_context", "masked") == "causal"
+
+
+def amino_acid_log_probs(model, tokens: torch.Tensor, structure, allowed: torch.Tensor,
+                         decoding_rank: torch.Tensor | None = None) -> torch.Tensor:
     """log p over the 20 amino acids at every position: ``[B, L, 20]`` (float32)."""
-    logits = model.logits_from_structure(tokens, structure)[..., allowed]
+    logits = model.logits_from_structure(tokens, structure, decoding_rank=decoding_rank)[..., allowed]
     return logits.float().log_softmax(-1)
 
 
@@ -54,7 +62,7 @@ def _rank_within_example(key: torch.Tensor, example_of_unit: torch.Tensor) -> to
 def decode(model, batch: dict, unit_of: torch.Tensor, scoring: torch.Tensor, allowed: torch.Tensor,
            mask_token_id: int, bias: torch.Tensor | None = None, decoding: str = "mask_predict",
            temperature: float = 0.0, rounds: int = 10, generator: torch.Generator | None = None,
-           structure=None) -> DecodedSequences:
+           structure=None, incremental: bool = True) -> DecodedSequences:
     """Fill every position with ``unit_of >= 0`` (``[B, L]``): positions of one unit get one residue.
 
     A unit's distribution is the mean of its ``scoring`` members' log-probabilities plus ``bias``
@@ -62,6 +70,8 @@ def decode(model, batch: dict, unit_of: torch.Tensor, scoring: torch.Tensor, all
     ``mask_predict`` starts with all units hidden and each round commits the most confident 1/(rounds left);
     ``autoregressive`` decodes one unit per step in a random order drawn from ``generator``, each seeing
     the residues decoded before it. ``structure``: the batch's encoding, when the caller already has it.
+    A causal model (ProteinMPNN's decoder) decodes autoregressively step by step from cached states
+    (``incremental``), the same function as a decoder pass per step at a fraction of the cost.
     """
     if decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
@@ -71,11 +81,11 @@ def decode(model, batch: dict, unit_of: torch.Tensor, scoring: torch.Tensor, all
         structure = encode(model, batch)
     flat_unit = unit_of.reshape(-1).to(device)
     designed = flat_unit >= 0
-    members = torch.nonzero(designed & scoring.reshape(-1).to(device)).flatten()
+    scoring = scoring.reshape(-1).to(device) & designed
     num_units = int(flat_unit.max()) + 1 if bool(designed.any()) else 0
     example_of_unit = torch.zeros(num_units, dtype=torch.long, device=device)
     example_of_unit[flat_unit[designed]] = torch.nonzero(designed).flatten() // shape[1]
-    member_count = torch.bincount(flat_unit[members], minlength=num_units).clamp(min=1)[:, None].float()
+    member_count = torch.bincount(flat_unit[scoring], minlength=num_units).clamp(min=1)[:, None].float()
     flat_bias = bias.reshape(-1, len(allowed)).to(device) if bias is not None else None
 
     tokens = batch["input_ids"].clone()
@@ -84,44 +94,78 @@ def decode(model, batch: dict, unit_of: torch.Tensor, scoring: torch.Tensor, all
     sampled = torch.zeros(*shape, len(allowed), device=device)
     step_of = torch.full(shape, -1, dtype=torch.long, device=device)
     remaining = torch.ones(num_units, dtype=torch.bool, device=device)
+    decoding_rank = None
+    if is_causal(model):
+        # As ProteinMPNN: the residues that are not designed come first, in a random order of their own;
+        # designed ones follow in the order they are drawn, and those still hidden see all of these.
+        given = torch.nonzero(~designed).flatten()
+        decoding_rank = torch.full((designed.numel(),), designed.numel() * 2, dtype=torch.long, device=device)
+        decoding_rank[given] = torch.randperm(len(given), generator=generator).to(device)
+        first_designed_rank = len(given)
     if decoding == "autoregressive":
         order_key = torch.rand(num_units, generator=generator, device="cpu").to(device)
         order_rank = _rank_within_example(order_key, example_of_unit) if num_units else order_key.long()
         steps = int(order_rank.max()) + 1 if num_units else 0
     else:
         steps = max(1, rounds)
+    cache = None
+    if decoding == "autoregressive" and decoding_rank is not None and incremental and num_units:
+        cache = CausalDecodingCache(model, tokens, structure, decoding_rank.view(shape))
     for step in range(steps):
         if not bool(remaining.any()):
             break
-        position_lp = amino_acid_log_probs(model, tokens, structure, allowed).reshape(-1, len(allowed))
-        biased = position_lp[members] + (flat_bias[members] if flat_bias is not None else 0.0)
-        unit_lp = torch.zeros(num_units, len(allowed), device=device).index_add_(0, flat_unit[members], biased)
-        unit_lp = unit_lp / member_count
-        distribution = (unit_lp / temperature if temperature > 0 else unit_lp).softmax(-1)
-        if temperature > 0:
-            choice = torch.multinomial(distribution.cpu(), 1, generator=generator)[:, 0].to(device)
-        else:
-            choice = distribution.argmax(-1)
         if decoding == "autoregressive":
             commit = remaining & (order_rank == step)
+            active = designed & commit[flat_unit.clamp(min=0)]  # the members of this step's units
         else:
+            commit, active = None, designed & remaining[flat_unit.clamp(min=0)]
+        positions = torch.nonzero(active).flatten()
+        if cache is not None:
+            logits = cache.logits(positions // shape[1], positions % shape[1])
+            active_lp = logits[:, allowed].float().log_softmax(-1)
+        else:
+            step_rank = decoding_rank.view(shape) if decoding_rank is not None else None
+            all_lp = amino_acid_log_probs(model, tokens, structure, allowed, step_rank).reshape(-1, len(allowed))
+            active_lp = all_lp[positions]
+        members = scoring[positions]
+        biased = active_lp[members] + (flat_bias[positions[members]] if flat_bias is not None else 0.0)
+        unit_lp = torch.zeros(num_units, len(allowed), device=device).index_add_(
+            0, flat_unit[positions[members]], biased) / member_count
+        distribution = (unit_lp / temperature if temperature > 0 else unit_lp).softmax(-1)
+        choice = torch.zeros(num_units, dtype=torch.long, device=device)
+        candidates = torch.nonzero(commit if commit is not None else remaining).flatten()
+        choice[candidates] = _draw(distribution[candidates], temperature, generator)
+        if commit is None:  # mask-predict: keep the most confident share of each example's hidden units
             confidence = distribution.gather(-1, choice[:, None])[:, 0]
             left = torch.zeros(int(example_of_unit.max()) + 1, device=device).index_add_(
                 0, example_of_unit, remaining.float())
             take = torch.ceil(left / (steps - step))[example_of_unit]
-            rank = _rank_within_example(torch.where(remaining, 1 - confidence, torch.full_like(confidence, 3.0)),
-                                        example_of_unit)
-            commit = remaining & (rank < take)
-        written = torch.nonzero(designed & commit[flat_unit.clamp(min=0)]).flatten()
-        units = flat_unit[written]
+            order = _rank_within_example(torch.where(remaining, 1 - confidence, torch.full_like(confidence, 3.0)),
+                                         example_of_unit)
+            commit = remaining & (order < take)
+        kept = commit[flat_unit[positions]]
+        written, units = positions[kept], flat_unit[positions[kept]]
         tokens.view(-1)[written] = allowed[choice[units]]
-        log_prob.view(-1)[written] = position_lp[written, choice[units]]
+        log_prob.view(-1)[written] = active_lp[kept, choice[units]]
         sampled.view(-1, len(allowed))[written] = distribution[units]
         step_of.view(-1)[written] = step
+        if cache is not None:
+            cache.commit(tokens.view(-1)[positions])
+        if decoding_rank is not None:
+            decoding_rank[written] = first_designed_rank + step
         remaining &= ~commit
-    no_backbone = ~scoring.to(device)
-    log_prob[no_backbone] = float("nan")
+    log_prob.view(-1)[~scoring] = float("nan")
     return DecodedSequences(tokens, log_prob, sampled, step_of)
+
+
+def _draw(distribution: torch.Tensor, temperature: float, generator) -> torch.Tensor:
+    """One residue per row: the argmax at temperature 0, else a sample (drawn on the CPU: seeds give the
+    same designs on any device)."""
+    if len(distribution) == 0:
+        return torch.zeros(0, dtype=torch.long, device=distribution.device)
+    if temperature > 0:
+        return torch.multinomial(distribution.cpu(), 1, generator=generator)[:, 0].to(distribution.device)
+    return distribution.argmax(-1)
 
 
 @torch.no_grad()

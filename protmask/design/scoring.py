@@ -10,7 +10,7 @@ import torch
 
 from ..residues import AMINO_ACIDS
 from .constraints import DesignOptions, plan_design
-from .decoding import log_probs_with_hidden
+from .decoding import amino_acid_log_probs, encode, is_causal, log_probs_with_hidden
 
 ALWAYS_HIDDEN = -2  # a rank for positions that stay hidden and are not scored
 CONTEXT = -1        # a rank for positions that stay visible and are not scored
@@ -25,7 +25,14 @@ def ranked_log_probs(model, batch: dict, rank: torch.Tensor, mask_token_id: int,
     for the one example in ``batch``. Returns ``[L, 20]``; rows of unscored positions are NaN."""
     rank = rank.to(batch["input_ids"].device)
     width = batch["input_ids"].shape[1]
+    length = len(rank)
     rank = torch.nn.functional.pad(rank, (0, width - len(rank)), value=CONTEXT)
+    if is_causal(model):  # the decoder takes the order itself: one pass
+        if structure is None:
+            structure = encode(model, batch)
+        decoding_rank = torch.where(rank == ALWAYS_HIDDEN, torch.full_like(rank, 2 * width + 1), rank)
+        log_probs = amino_acid_log_probs(model, batch["input_ids"], structure, allowed, decoding_rank[None])[0]
+        return log_probs.masked_fill((rank < 0)[:, None], float("nan"))[:length]
     levels = torch.unique(rank[rank >= 0])
     hidden = (rank[None, :] >= levels[:, None]) | (rank == ALWAYS_HIDDEN)[None, :]
     log_probs = log_probs_with_hidden(model, batch, hidden, mask_token_id, allowed, chunk, structure)
@@ -33,7 +40,7 @@ def ranked_log_probs(model, batch: dict, rank: torch.Tensor, mask_token_id: int,
     for row, level in enumerate(levels.tolist()):
         where = rank == level
         result[where] = log_probs[row, where]
-    return result[: len(rank)]
+    return result[:length]
 
 
 @dataclass

@@ -56,6 +56,16 @@ class ProtMaskConfig(PreTrainedConfig):
             Token ids the model treats specially (padding never enters the graph).
         tie_word_embeddings (`bool`, defaults to `False`):
             The output head is not tied to the input embedding.
+        decoder_context (`str`, defaults to `"masked"`):
+            What a decoder layer reads from a neighbour. `"masked"`: its decoder state and its residue
+            embedding, `<mask>` where hidden (a masked language model: every visible residue is seen by all).
+            `"causal"`: ProteinMPNN's decoder: residues are decoded in an order (``decoding_rank``); a
+            neighbour decoded earlier contributes its decoder state and residue, any other its encoder state
+            and no residue, and decoder messages count every neighbour (ProteinMPNN masks edges in the
+            encoder only). Without a rank, visible residues count as decoded first and hidden ones after.
+        message_bias_per_neighbor (`bool`, defaults to `False`):
+            Add the bias of each message MLP's last layer once per neighbour (ProteinMPNN) instead of once
+            per residue; converted ProteinMPNN weights set it.
 
     Example:
 
@@ -88,6 +98,8 @@ class ProtMaskConfig(PreTrainedConfig):
     pad_token_id: int | None = 0
     mask_token_id: int | None = 1
     tie_word_embeddings: bool = False
+    decoder_context: str = "masked"
+    message_bias_per_neighbor: bool = False
 
     def validate_architecture(self):
         problems = []
@@ -107,6 +119,8 @@ class ProtMaskConfig(PreTrainedConfig):
             problems.append(f"mask_ratio_max must be in [mask_ratio, 1], got {self.mask_ratio_max}")
         if not 0.0 <= self.label_smoothing < 1.0:
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.decoder_context not in ("masked", "causal"):
+            problems.append(f"decoder_context must be 'masked' or 'causal', got {self.decoder_context!r}")
         if self.rbf_max <= self.rbf_min:
             problems.append("rbf_max must be larger than rbf_min")
         if problems:

@@ -46,10 +46,14 @@ def edge_message_input(edge_states, edge_weight, self_projection, neighbor_proje
 
     The first layer of a message MLP over [h_i, h_ij, h_j], computed without the concatenation: node terms
     are projected once per node, gathered onto edges, and the edge GEMM accumulates onto them (addmm), so
-    no [B, L, K, 3H] tensor and no separate elementwise sums are made.
+    no [B, L, K, 3H] tensor and no separate elementwise sums are made. With ``neighbor_index`` None,
+    ``neighbor_projection`` is already per edge ``[B, L, K, H]`` (the causal decoder picks it per edge).
     """
-    summed = gather_neighbors(neighbor_projection, neighbor_index)
-    summed += self_projection[:, :, None]  # in place: gather needs neither its input nor output to backpropagate
+    if neighbor_index is None:
+        summed = neighbor_projection + self_projection[:, :, None]
+    else:
+        summed = gather_neighbors(neighbor_projection, neighbor_index)
+        summed += self_projection[:, :, None]  # in place: gather needs neither its input nor output to backpropagate
     hidden = edge_states.shape[-1]
     # In place, so autocast does not cast for us: match the projections' dtype.
     summed.view(-1, summed.shape[-1]).addmm_(edge_states.reshape(-1, hidden).to(summed.dtype),
@@ -172,6 +176,7 @@ class NodeUpdate(nn.Module):
         super().__init__()
         hidden = config.hidden_dim
         self.scale = config.message_scale
+        self.bias_per_neighbor = config.message_bias_per_neighbor
         # Message inputs [h_i, h_ij, x_j] → hidden as three projections (see `edge_message_input`); the
         # bias sits on the per-node self projection.
         self.edge_input = nn.Linear(hidden, hidden, bias=False)
@@ -184,13 +189,23 @@ class NodeUpdate(nn.Module):
         self.ff_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, node_states, edge_states, neighbor_states, neighbor_index, node_mask, edge_mask):
+    def forward(self, node_states, edge_states, neighbor_states, neighbor_index, node_mask, edge_mask,
+                neighbor_projection=None):
+        """``neighbor_projection``: per-edge ``neighbor_input`` terms ``[B, L, K, H]`` when the caller chose
+        them edge by edge (causal decoding); otherwise ``neighbor_states`` are projected per node."""
+        if neighbor_projection is None:
+            neighbor_projection = self.neighbor_input(neighbor_states)
+        else:
+            neighbor_index = None
         message = edge_message_input(edge_states, self.edge_input.weight, self.self_input(node_states),
-                                     self.neighbor_input(neighbor_states), neighbor_index)
+                                     neighbor_projection, neighbor_index)
         message = F.gelu(self.message(F.gelu(message)))
         # The MLP's last linear layer commutes with the sum over neighbours: apply it once per node.
         summed = torch.einsum("blkh,blk->blh", message, edge_mask)
-        node_states = self.message_norm(node_states + self.dropout(self.output(summed) / self.scale))
+        update = self.output(summed)
+        if self.bias_per_neighbor:  # ProteinMPNN applies the last layer per edge: its bias once per neighbour
+            update = update + self.output.bias * (edge_mask.sum(-1, keepdim=True) - 1)
+        node_states = self.message_norm(node_states + self.dropout(update / self.scale))
         node_states = self.ff_norm(node_states + self.dropout(self.feed_forward(node_states)))
         return node_states * node_mask[..., None]
 
@@ -226,9 +241,19 @@ class DecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.node_update = NodeUpdate(config, neighbor_dim=2 * config.hidden_dim)
 
-    def forward(self, node_states, edge_states, sequence_states, neighbor_index, node_mask, edge_mask):
+    def forward(self, node_states, edge_states, sequence_states, neighbor_index, node_mask, edge_mask,
+                decoded_before=None, encoder_states=None):
+        """``decoded_before`` ``[B, L, K]`` (causal decoding): the neighbour was decoded before the residue, so
+        it contributes its decoder state and residue; any other neighbour its ``encoder_states`` alone."""
         neighbors = torch.cat([node_states, sequence_states], dim=-1)
-        return self.node_update(node_states, edge_states, neighbors, neighbor_index, node_mask, edge_mask)
+        if decoded_before is None:
+            return self.node_update(node_states, edge_states, neighbors, neighbor_index, node_mask, edge_mask)
+        projection = self.node_update.neighbor_input
+        seen = gather_neighbors(projection(neighbors), neighbor_index)
+        unseen = gather_neighbors(F.linear(encoder_states, projection.weight[:, : encoder_states.shape[-1]]),
+                                  neighbor_index)
+        per_edge = torch.where(decoded_before[..., None], seen, unseen)
+        return self.node_update(node_states, edge_states, None, neighbor_index, node_mask, edge_mask, per_edge)
 
 
 class ProtMaskPreTrainedModel(PreTrainedModel):
@@ -294,13 +319,24 @@ class ProtMaskModel(ProtMaskPreTrainedModel):
         return StructureEncoding(node_states=node_states, edge_states=edge_states, neighbor_index=neighbor_index,
                                  node_mask=node_mask, edge_mask=edge_mask)
 
-    def decode(self, input_ids, structure: StructureEncoding, output_hidden_states: bool = False):
+    def decode(self, input_ids, structure: StructureEncoding, output_hidden_states: bool = False,
+               decoding_rank: torch.Tensor | None = None):
+        """Decoder states for ``input_ids``. ``decoding_rank`` ``[B, L]`` (causal decoder only): residue j is
+        decoded before residue i when ``rank[j] < rank[i]``; by default visible residues before hidden ones."""
         sequence_states = self.sequence_embedding(input_ids).to(structure.node_states.dtype)
         hidden = structure.node_states
         all_states = [hidden] if output_hidden_states else None
+        causal = {}
+        edge_mask = structure.edge_mask
+        if self.config.decoder_context == "causal":
+            if decoding_rank is None:
+                decoding_rank = (input_ids == self.config.mask_token_id).long()
+            neighbor_rank = gather_neighbors(decoding_rank, structure.neighbor_index)
+            causal = {"decoded_before": neighbor_rank < decoding_rank[..., None], "encoder_states": hidden}
+            edge_mask = structure.node_mask[..., None].expand_as(edge_mask)  # every neighbour, as ProteinMPNN
         for layer in self.decoder_layers:
             hidden = layer(hidden, structure.edge_states, sequence_states, structure.neighbor_index,
-                           structure.node_mask, structure.edge_mask)
+                           structure.node_mask, edge_mask, **causal)
             if output_hidden_states:
                 all_states.append(hidden)
         return hidden, (tuple(all_states) if output_hidden_states else None)
@@ -314,10 +350,11 @@ class ProtMaskModel(ProtMaskPreTrainedModel):
         chain_index: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        decoding_rank: torch.Tensor | None = None,
         **kwargs,
     ) -> ProtMaskModelOutput:
         structure = self.encode_structure(coords, attention_mask, residue_index, chain_index)
-        hidden, all_states = self.decode(input_ids, structure, bool(output_hidden_states))
+        hidden, all_states = self.decode(input_ids, structure, bool(output_hidden_states), decoding_rank)
         return ProtMaskModelOutput(last_hidden_state=hidden, structure=structure, hidden_states=all_states)
 
 
@@ -346,6 +383,7 @@ class ProtMaskForMaskedLM(ProtMaskPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        decoding_rank: torch.Tensor | None = None,
         **kwargs,
     ) -> MaskedLMOutput:
         r"""
@@ -354,19 +392,72 @@ class ProtMaskForMaskedLM(ProtMaskPreTrainedModel):
         attention_mask (`(batch, length)`): 1 for residues, 0 for padding.
         residue_index (`(batch, length)`): position along the chain (gaps allowed); chain_index: chain number.
         labels (`(batch, length)`): true residue ids where scored, -100 elsewhere.
+        decoding_rank (`(batch, length)`, causal decoder only): the order residues are decoded in (see
+        `ProtMaskConfig.decoder_context`).
         """
         outputs = self.protmask(input_ids, coords, attention_mask, residue_index, chain_index,
-                                output_hidden_states=output_hidden_states)
+                                output_hidden_states=output_hidden_states, decoding_rank=decoding_rank)
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
         if labels is not None:
             loss = masked_lm_loss(logits, labels, self.config.label_smoothing)
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
-    def logits_from_structure(self, input_ids, structure: StructureEncoding) -> torch.Tensor:
+    def logits_from_structure(self, input_ids, structure: StructureEncoding,
+                              decoding_rank: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for a sequence given an encoding from `self.protmask.encode_structure` (design reuses it)."""
-        hidden, _ = self.protmask.decode(input_ids, structure)
+        hidden, _ = self.protmask.decode(input_ids, structure, decoding_rank=decoding_rank)
         return self.lm_head(hidden)
 
 
-__all__ = ["ProtMaskPreTrainedModel", "ProtMaskModel", "ProtMaskForMaskedLM", "masked_lm_loss"]
+class CausalDecodingCache:
+    """Step-by-step decoding for ``decoder_context="causal"`` models (ProteinMPNN's sampler).
+
+    A decoded residue sees only residues decoded before it, so its decoder states never change again: each
+    step computes the residues being decoded (a few per example) against cached states and projections,
+    instead of a decoder pass over the whole batch. Start with one full pass under ``decoding_rank``
+    (residues given before decoding starts rank below every residue still to decode).
+    """
+
+    def __init__(self, model: "ProtMaskForMaskedLM", input_ids, structure: StructureEncoding, decoding_rank):
+        bare = model.protmask
+        self.model, self.structure = model, structure
+        _, states = bare.decode(input_ids, structure, output_hidden_states=True, decoding_rank=decoding_rank)
+        self.states = [s.clone() for s in states[:-1]]  # the input of each decoder layer, per residue
+        sequence = bare.sequence_embedding(input_ids).to(structure.node_states.dtype)
+        self.projections = [layer.node_update.neighbor_input for layer in bare.decoder_layers]
+        self.seen = [p(torch.cat([s, sequence], -1)) for p, s in zip(self.projections, self.states)]
+        hidden = structure.node_states.shape[-1]
+        self.unseen = [F.linear(structure.node_states, p.weight[:, :hidden]) for p in self.projections]
+        self.decoded = decoding_rank < decoding_rank.max()  # [B, L]: seen by the residues now being decoded
+        self._pending = None
+
+    def logits(self, batch_index: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, V]`` at ``(batch_index, position)``, each seeing every residue decoded so far."""
+        structure = self.structure
+        neighbors = structure.neighbor_index[batch_index, position]  # [N, K]
+        visible = self.decoded[batch_index[:, None], neighbors]
+        edges = structure.edge_states[batch_index, position][None]
+        node_mask = structure.node_mask[batch_index, position][None]
+        edge_mask = node_mask[..., None].expand(1, *neighbors.shape)
+        hidden = self.states[0][batch_index, position][None]
+        inputs = []
+        for layer, seen, unseen in zip(self.model.protmask.decoder_layers, self.seen, self.unseen):
+            inputs.append(hidden[0])
+            per_edge = torch.where(visible[..., None], seen[batch_index[:, None], neighbors],
+                                   unseen[batch_index[:, None], neighbors])[None]
+            hidden = layer.node_update(hidden, edges, None, None, node_mask, edge_mask, per_edge)
+        self._pending = (batch_index, position, inputs)
+        return self.model.lm_head(hidden[0])
+
+    def commit(self, token_ids: torch.Tensor) -> None:
+        """The residues of the last `logits` call were decoded as ``token_ids``: cache their states."""
+        batch_index, position, inputs = self._pending
+        sequence = self.model.protmask.sequence_embedding(token_ids).to(inputs[0].dtype)
+        for layer_index, state in enumerate(inputs):
+            self.states[layer_index][batch_index, position] = state
+            self.seen[layer_index][batch_index, position] = self.projections[layer_index](torch.cat([state, sequence], -1))
+        self.decoded[batch_index, position] = True
+
+
+__all__ = ["ProtMaskPreTrainedModel", "ProtMaskModel", "ProtMaskForMaskedLM", "CausalDecodingCache", "masked_lm_loss"]
