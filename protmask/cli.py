@@ -94,12 +94,8 @@ def structure_files(paths, command: str):
         return None
 
 
-def design_command(argv) -> int:
-    import math
-
-    from .design import DECODINGS, DesignError, design_plan, format_plan, plan_design
-    from .design.designer import fasta_records, probability_rows, structure_stem
-    from .structure import StructureError, parse_structure
+def design_parser():
+    from .design import DECODINGS
 
     parser = argparse.ArgumentParser(
         prog="protmask design",
@@ -134,6 +130,17 @@ def design_command(argv) -> int:
     parser.add_argument("--dry_run", action="store_true",
                         help="print the designed, fixed, tied, biased and omitted positions of each structure, and stop")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    return parser
+
+
+def design_command(argv) -> int:
+    import math
+
+    from .design import DesignError, design_plan, format_plan, plan_design
+    from .design.designer import fasta_records, probability_rows, structure_stem
+    from .structure import StructureError, parse_structure
+
+    parser = design_parser()
     args = parser.parse_args(argv)
     if args.num_samples < 1 or args.rounds < 1 or not math.isfinite(args.temperature) or args.temperature < 0:
         parser.error("--num_samples and --rounds must be positive and --temperature a finite number, zero or more")
@@ -187,6 +194,25 @@ def design_command(argv) -> int:
     return report_failures("design", failed, len(plans))
 
 
+def read_fasta_records(path) -> list[tuple[str, str]]:
+    """[(name, sequence)] of a FASTA file; raises DesignError naming the flag when it cannot be read."""
+    from .design import DesignError
+
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise DesignError(f"--sequences {path}: cannot read it ({error.strerror or error})") from None
+    records = []
+    for line in text.splitlines():
+        if line.startswith(">"):
+            records.append([line[1:].split()[0] if line[1:].split() else f"sequence_{len(records) + 1}", ""])
+        elif line.strip() and records:
+            records[-1][1] += line.strip()
+    if not records:
+        raise DesignError(f"--sequences {path}: no FASTA records (lines starting with >)")
+    return [tuple(r) for r in records]
+
+
 def report_failures(command: str, failed, succeeded: int) -> int:
     """List the structures that could not be used; 0 if none failed, 1 if some did, 2 if all did."""
     for path, reason in failed:
@@ -198,29 +224,39 @@ def report_failures(command: str, failed, succeeded: int) -> int:
 
 def score_command(argv) -> int:
     from .design import DesignError, DesignOptions, mutation_scan, plan_design
-    from .design.scoring import write_scan_csv
+    from .design.scoring import score_sequences, summary_line, write_scan_csv, write_score_tsv
     from .structure import StructureError, parse_structure
 
     parser = argparse.ArgumentParser(
         prog="protmask score",
-        description="Score sequences on a backbone. --mutation_scan: every single mutant of the chosen chains as "
-                    "log p(mutant) - log p(native) with that position hidden and the rest of the native sequence "
-                    "visible (masked marginal), one CSV row per position with the 20 values, and a heat map PNG "
-                    "beside it when matplotlib is installed.")
+        description="Score sequences on a backbone. By default (ProteinMPNN's --score_only): the log-likelihood of "
+                    "the native sequence, or of each sequence in --sequences, per residue and in total, each residue "
+                    "predicted from the structure and the residues before it in a random order, averaged over "
+                    "--num_orders seeded orders; a TSV with a '# NAME: mean_log_likelihood=...' summary line per "
+                    "sequence. --mutation_scan: every single mutant of the chosen chains as log p(mutant) - "
+                    "log p(native) with that position hidden and the rest of the native sequence visible (masked "
+                    "marginal), one CSV row per position with the 20 values, and a heat map PNG beside it when "
+                    "matplotlib is installed.")
     parser.add_argument("--model", required=True, help="a save_pretrained folder or hub id")
     parser.add_argument("--pdb", required=True, help="the structure file")
+    parser.add_argument("--sequences", default=None,
+                        help="FASTA of sequences to score for the chosen chains (chains separated by /, as design "
+                             "writes them); default: the native sequence")
+    parser.add_argument("--num_orders", type=int, default=1, help="decoding orders to average over")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the decoding orders")
     parser.add_argument("--mutation_scan", action="store_true", help="score every single mutant (see above)")
-    parser.add_argument("--chains", default=None, help="chains to scan, e.g. A (default: all)")
+    parser.add_argument("--chains", default=None, help="chains to score or scan, e.g. A (default: all)")
     parser.add_argument("--homo_oligomer", action="store_true",
                         help="tie chains with the same sequence: a row scores the mutation applied to every copy")
     parser.add_argument("--tie", default=None, help="tie groups as in protmask design: each scores as one mutation")
-    parser.add_argument("--output", required=True, help="CSV to write")
+    parser.add_argument("--output", required=True, help="TSV (scores) or CSV (--mutation_scan) to write")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
-    if not args.mutation_scan:
-        parser.error("say what to score: --mutation_scan")
+    if args.num_orders < 1:
+        parser.error("--num_orders must be positive")
     try:
         structure = parse_structure(args.pdb)
+        sequences = read_fasta_records(args.sequences) if args.sequences else None
         options = DesignOptions(chains=args.chains.split(",") if args.chains else None, tie=args.tie,
                                 homo_oligomer=args.homo_oligomer)
         plan_design(structure, options)  # the options are checked before the model is loaded
@@ -232,6 +268,17 @@ def score_command(argv) -> int:
         return 2
     model, processor = loaded
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    if not args.mutation_scan:
+        try:
+            scores = score_sequences(model, processor, structure, sequences, options.chains, args.num_orders,
+                                     args.seed)
+        except DesignError as error:
+            print(f"protmask score: error: {error}", file=sys.stderr)
+            return 2
+        write_score_tsv(scores, args.output)
+        print("\n".join(summary_line(score) for score in scores))
+        print(f"wrote {args.output}")
+        return 0
     scan = mutation_scan(model, processor, structure, options)
     write_scan_csv(scan, args.output)
     print(f"wrote {args.output}: {len(scan.labels)} positions x 20 amino acids")
@@ -348,7 +395,7 @@ COMMANDS = {
     "build-dataset": (build_dataset_command, "parse structure files into a cached Arrow dataset"),
     "train": (train_command, "train a model (the same flags as train_accelerate.py)"),
     "design": (design_command, "design or fill in sequences for backbones, with ties, bias and omit"),
-    "score": (score_command, "score mutations of a structure's sequence (mutation scan)"),
+    "score": (score_command, "score sequences on a backbone (log-likelihood) or every single mutant"),
     "evaluate": (evaluate_command, "evaluate a trained model on structure files"),
     "plot": (plot_command, "draw a training run's curves"),
     "convert-proteinmpnn": (convert_command, "convert published ProteinMPNN weights into a protmask model"),

@@ -272,3 +272,44 @@ def test_mutation_scan_rows_are_masked_marginal_differences(untrained, tetramer,
     rows = (tmp_path / "scan" / "scan.csv").read_text().splitlines()
     assert rows[0].split(",")[3:] == list(AMINO_ACIDS) and len(rows) == 1 + len(tetramer[0])
     assert (tmp_path / "scan" / "scan.png").stat().st_size > 10_000
+
+
+def test_score_command_is_deterministic_and_averages_orders(untrained, sample_dir, tmp_path):
+    model, processor = untrained
+    model.save_pretrained(tmp_path / "model")
+    processor.tokenizer.save_pretrained(tmp_path / "model")
+    structure = sample_dir / "5emb.pdb.gz"
+    chains = parse_structure(structure)
+    (tmp_path / "seqs.fasta").write_text(">native\n" + "/".join(c.sequence for c in chains) + "\n>poly_ala\n" +
+                                         "/".join("A" * len(c) for c in chains) + "\n")
+    outputs = []
+    for seed, name in ((0, "a.tsv"), (0, "b.tsv"), (1, "c.tsv")):
+        done = run_cli("score", "--model", tmp_path / "model", "--pdb", structure, "--sequences", tmp_path / "seqs.fasta",
+                       "--num_orders", "2", "--seed", seed, "--output", tmp_path / name)
+        assert done.returncode == 0, done.stderr
+        outputs.append((tmp_path / name).read_text())
+    assert outputs[0] == outputs[1] and outputs[0] != outputs[2]
+    rows = [line.split("\t") for line in outputs[0].splitlines()[1:] if not line.startswith("#")]
+    summaries = [line for line in outputs[0].splitlines() if line.startswith("# ")]
+    assert [s.split(":")[0] for s in summaries] == ["# native", "# poly_ala"]
+    native = [float(r[3]) for r in rows if r[0] == "native"]
+    scored = sum(int(c.backbone_complete.sum()) for c in chains)
+    assert len(native) == scored and all(v < 0 for v in native)
+    assert abs(float(summaries[0].split("mean_log_likelihood=")[1].split()[0]) - np.mean(native)) < 1e-4
+
+    # Each order predicts every residue from those before it; two orders are averaged.
+    from protmask.design.scoring import score_sequences
+
+    two = score_sequences(model, processor, chains, num_orders=2, seed=3)[0]
+    batch = processor([chains])
+    scored = np.concatenate([c.backbone_complete for c in chains])
+    by_order = []
+    for order in range(2):
+        rank = np.full(len(scored), CONTEXT)
+        rank[scored] = np.random.default_rng((3, 0, order)).permutation(int(scored.sum()))
+        log_probs = ranked_log_probs(model, batch, torch.from_numpy(rank), processor.tokenizer.mask_token_id,
+                                     torch.tensor(processor.tokenizer.amino_acid_ids))
+        letters = "".join(c.sequence for c in chains)
+        by_order.append([log_probs[i, AMINO_ACIDS.index(letters[i])].item() for i in np.flatnonzero(scored)])
+    assert np.allclose(two.log_likelihood, np.mean(by_order, axis=0), atol=1e-5)
+    assert not np.allclose(by_order[0], by_order[1], atol=1e-3)

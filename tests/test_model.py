@@ -274,3 +274,20 @@ def test_backbone_features_exclude_missing_residues_from_neighbours(chains):
     assert not ((neighbor_index[0] == 10) & (edge_mask[0] > 0)).any()
     length = len(chains["short"])
     assert not ((neighbor_index[0, :length] >= length) & (edge_mask[0, :length] > 0)).any()
+
+
+def test_autoregressive_objective_scores_every_residue_in_a_seeded_order(sample_dir):
+    from protmask.data.collator import IGNORE_INDEX
+
+    chains = parse_structure(sample_dir / "2bsh.pdb.gz")  # a residue with missing backbone atoms
+    processor = ProtMaskProcessor(objective="autoregressive")
+    batch = processor([chains], mask=True, seeds=[(0, 1)])
+    length = sum(len(c) for c in chains)
+    plain = processor([chains])
+    assert torch.equal(batch["input_ids"], plain["input_ids"])  # nothing is hidden: the order does the work
+    scorable = torch.isfinite(plain["coords"]).all(-1).all(-1) & torch.isin(
+        plain["input_ids"], torch.tensor(processor.tokenizer.amino_acid_ids))
+    assert torch.equal(batch["labels"] != IGNORE_INDEX, scorable) and (~scorable[0, :length]).any()
+    assert sorted(batch["decoding_rank"][0, :length].tolist()) == list(range(length))
+    assert torch.equal(batch["decoding_rank"], processor([chains], mask=True, seeds=[(0, 1)])["decoding_rank"])
+    assert not torch.equal(batch["decoding_rank"], processor([chains], mask=True, seeds=[(0, 2)])["decoding_rank"])

@@ -18,6 +18,9 @@ from ..models.tokenization_protmask import ProtMaskTokenizer
 from ..structure import ProteinChain
 
 IGNORE_INDEX = -100
+#: Training objectives: "masked" hides a share of residues; "autoregressive" scores every residue in a random
+#: decoding order (ProteinMPNN's objective; needs a model with decoder_context="causal").
+OBJECTIVES = ("masked", "autoregressive")
 #: The 80 / 10 / 10 split of masked positions: hidden, replaced by a random residue, left unchanged.
 MASK_TOKEN_FRACTION, RANDOM_TOKEN_FRACTION = 0.8, 0.1
 
@@ -153,7 +156,9 @@ class ProtMaskProcessor:
     ``processor(chains)`` treats each `ProteinChain` as its own example; ``processor([chains])`` makes one
     multi-chain example of them. Dataset rows work too. With ``mask=True`` every chain has
     ``round(mask_ratio × residues)`` residues hidden and scored (see `mask_chains`); ``seeds`` (one per
-    example) make the masks and crops reproducible whatever the batch they land in.
+    example) make the masks and crops reproducible whatever the batch they land in. With
+    ``objective="autoregressive"`` (ProteinMPNN's, for causal-decoder models) ``mask=True`` instead scores
+    every residue, with a random decoding order per example as ``decoding_rank``.
     """
 
     def __init__(
@@ -164,7 +169,11 @@ class ProtMaskProcessor:
         max_length: int | None = None,
         pad_to_multiple_of: int | None = 8,
         seed: int = 0,
+        objective: str = "masked",
     ):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        self.objective = objective
         self.tokenizer = tokenizer or ProtMaskTokenizer()
         self.mask_ratio = mask_ratio
         self.mask_ratio_max = mask_ratio_max
@@ -233,6 +242,8 @@ class ProtMaskProcessor:
         index_array = np.zeros((batch_size, width), dtype=np.int64)
         chain_array = np.full((batch_size, width), -1, dtype=np.int64)
         labels = np.full((batch_size, width), IGNORE_INDEX, dtype=np.int64) if mask else None
+        ordered = mask and self.objective == "autoregressive"
+        decoding_rank = np.full((batch_size, width), 2 * width, dtype=np.int64) if ordered else None
         for b, (example, token_ids, index, rng) in enumerate(rows):
             length = len(example)
             input_ids[b, :length] = token_ids
@@ -240,7 +251,11 @@ class ProtMaskProcessor:
             attention_mask[b, :length] = 1
             index_array[b, :length] = index
             chain_array[b, :length] = np.repeat(np.arange(len(example.chain_lengths)), example.chain_lengths)
-            if mask:
+            if ordered:
+                scorable = np.isfinite(example.coords).all(axis=(1, 2)) & np.isin(token_ids, self._scorable_ids)
+                labels[b, :length] = np.where(scorable, token_ids, IGNORE_INDEX)
+                decoding_rank[b, :length] = rng.permutation(length)
+            elif mask:
                 scorable = np.isfinite(example.coords).all(axis=(1, 2)) & np.isin(token_ids, self._scorable_ids)
                 input_ids[b, :length], labels[b, :length] = mask_chains(
                     token_ids, scorable, example.chain_lengths, self.mask_range, rng,
@@ -254,6 +269,8 @@ class ProtMaskProcessor:
         }
         if mask:
             batch["labels"] = labels
+        if ordered:
+            batch["decoding_rank"] = decoding_rank
         if return_tensors == "pt":
             batch = {key: torch.from_numpy(value) for key, value in batch.items()}
         elif return_tensors != "np":

@@ -10,10 +10,12 @@ import torch
 
 from ..residues import AMINO_ACIDS
 from .constraints import DesignOptions, plan_design
+from .positions import DesignError
 from .decoding import amino_acid_log_probs, encode, is_causal, log_probs_with_hidden
 
 ALWAYS_HIDDEN = -2  # a rank for positions that stay hidden and are not scored
-CONTEXT = -1        # a rank for positions that stay visible and are not scored
+CONTEXT = -1        # a rank for positions that stay visible and are not scored (any rank below -2 too: a
+                    # causal model sees such positions in the order of their ranks)
 
 
 @torch.no_grad()
@@ -92,3 +94,80 @@ def write_scan_csv(scan: MutationScan, path) -> None:
                      ",".join(f"{v:.4f}" for v in row))
     with open(path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
+
+
+@dataclass
+class SequenceScore:
+    """Log-likelihood of one sequence on a backbone, per residue, averaged over decoding orders."""
+
+    name: str
+    labels: list[str]             # the scored residues, e.g. "A12"
+    letters: list[str]
+    log_likelihood: np.ndarray    # [residues] natural log, mean over orders
+    num_orders: int
+
+    @property
+    def total(self) -> float:
+        return float(self.log_likelihood.sum())
+
+    @property
+    def mean(self) -> float:
+        return float(self.log_likelihood.mean()) if len(self.log_likelihood) else float("nan")
+
+
+@torch.no_grad()
+def score_sequences(model, processor, structure, sequences=None, chains=None, num_orders: int = 1, seed: int = 0,
+                    chunk: int = 16) -> list[SequenceScore]:
+    """ProteinMPNN's ``--score_only``: each residue of the chosen chains predicted from the structure and the
+    residues before it in a random order (other chains are given first), averaged over ``num_orders``
+    seeded orders. ``sequences``: ``[(name, "SEQ/SEQ")]`` for the chosen chains (default: the native one)."""
+    plan = plan_design(structure, DesignOptions(chains=chains))
+    device = next(model.parameters()).device
+    allowed = torch.tensor(processor.tokenizer.amino_acid_ids, device=device)
+    batch = {k: v.to(device) for k, v in processor([plan.example]).items()}
+    structure_encoding = encode(model, batch)
+    chosen = np.concatenate([plan.index.chain_positions(c) for c in plan.chosen])
+    has_backbone = np.isfinite(plan.example.coords).all(axis=(1, 2))
+    results = []
+    for number, (name, text) in enumerate(sequences or [(f"{plan.name}_native", plan.sequence_of(plan.tokens))]):
+        letters = plan.tokens.copy()
+        flat = str(text).replace("/", "").upper()
+        if len(flat) != len(chosen):
+            raise DesignError(f"sequence {name}: {len(flat)} residues; chains {','.join(plan.chosen)} have {len(chosen)}")
+        letters[chosen] = list(flat)
+        tokens = batch["input_ids"].clone()
+        tokens[0, : len(letters)] = torch.from_numpy(processor.encode_sequence("".join(letters)))
+        scored = np.zeros(len(letters), dtype=bool)
+        scored[chosen] = True
+        scored &= has_backbone & np.isin(letters, list(AMINO_ACIDS))
+        context = ~scored
+        totals = np.zeros(int(scored.sum()))
+        for order in range(num_orders):
+            rng = np.random.default_rng((seed, number, order))
+            rank = np.full(len(letters), CONTEXT)
+            if is_causal(model):  # given residues come first, in an order of their own (ProteinMPNN)
+                rank[context] = -3 * len(letters) + rng.permutation(int(context.sum()))  # below every other rank
+            rank[scored] = rng.permutation(int(scored.sum()))
+            log_probs = ranked_log_probs(model, {**batch, "input_ids": tokens}, torch.from_numpy(rank),
+                                         processor.tokenizer.mask_token_id, allowed, chunk, structure_encoding)
+            index = torch.from_numpy(np.flatnonzero(scored)).to(device)
+            letter_index = torch.tensor([AMINO_ACIDS.index(c) for c in letters[scored]], device=device)
+            totals += log_probs[index, letter_index].double().cpu().numpy()
+        results.append(SequenceScore(name, [plan.index.labels[p] for p in np.flatnonzero(scored)],
+                                     list(letters[scored]), totals / num_orders, num_orders))
+    return results
+
+
+def write_score_tsv(scores: list[SequenceScore], path) -> None:
+    lines = ["sequence\tresidue\tletter\tlog_likelihood"]
+    for score in scores:
+        lines += [f"{score.name}\t{label}\t{letter}\t{value:.5f}"
+                  for label, letter, value in zip(score.labels, score.letters, score.log_likelihood)]
+    lines += [summary_line(score) for score in scores]
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def summary_line(score: SequenceScore) -> str:
+    return (f"# {score.name}: mean_log_likelihood={score.mean:.5f} score={-score.mean:.5f} "
+            f"total_log_likelihood={score.total:.4f} residues={len(score.labels)} orders={score.num_orders}")

@@ -123,8 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="draw each chain's mask ratio uniformly from [--mask_ratio, this]; 1.0 trains for "
                             "whole-sequence design as well as fill-in")
     model.add_argument("--label_smoothing", type=fraction, default=0.0, help="label smoothing of the loss")
+    model.add_argument("--objective", choices=("masked", "autoregressive"), default="masked",
+                       help="masked: hide --mask_ratio of each chain and predict it; autoregressive: predict every "
+                            "residue in a random decoding order (ProteinMPNN's objective; needs --decoder_context "
+                            "causal or a causal model such as converted ProteinMPNN weights)")
+    model.add_argument("--decoder_context", choices=("masked", "causal"), default="masked",
+                       help="a new model's decoder: masked (every visible residue seen by all) or causal "
+                            "(ProteinMPNN's: residues see those decoded before them)")
     model.add_argument("--model_name_or_path", default=None,
-                       help="start from a saved protmask model folder (then the architecture flags are ignored)")
+                       help="start from a saved protmask model folder, e.g. converted ProteinMPNN weights, to "
+                            "fine-tune it (then the architecture flags are ignored)")
     model.add_argument("--gradient_checkpointing", action="store_true",
                        help="recompute layer activations in the backward pass: less memory, ~20-35%% slower")
 

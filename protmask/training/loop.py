@@ -219,9 +219,10 @@ def make_loaders(accelerator, args, dataset, tokenizer):
     budget = dict(max_tokens=args.max_tokens_per_batch,
                   max_examples=args.batch_size if args.max_tokens_per_batch is None else None)
     processor = ProtMaskProcessor(tokenizer, mask_ratio=args.mask_ratio, mask_ratio_max=args.mask_ratio_max,
-                                  max_length=args.max_length)
+                                  max_length=args.max_length, objective=args.objective)
     # Validation masks at the fixed ratio, whatever range training draws from, so numbers stay comparable.
-    validation_processor = ProtMaskProcessor(tokenizer, mask_ratio=args.mask_ratio, max_length=args.max_length)
+    validation_processor = ProtMaskProcessor(tokenizer, mask_ratio=args.mask_ratio, max_length=args.max_length,
+                                             objective=args.objective)
     train_sampler = LengthBucketBatchSampler(
         train_lengths, shuffle=True, seed=args.seed,
         group_size=accelerator.num_processes * args.gradient_accumulation_steps, **budget)
@@ -255,9 +256,12 @@ def build_model(args, tokenizer):
             num_decoder_layers=args.num_decoder_layers, num_neighbors=args.num_neighbors, dropout=args.dropout,
             backbone_noise=args.backbone_noise, label_smoothing=args.label_smoothing, mask_ratio=args.mask_ratio,
             mask_ratio_max=args.mask_ratio_max, pad_token_id=tokenizer.pad_token_id,
-            mask_token_id=tokenizer.mask_token_id,
+            mask_token_id=tokenizer.mask_token_id, decoder_context=args.decoder_context,
         )
         model = ProtMaskForMaskedLM(config)
+    if args.objective == "autoregressive" and model.config.decoder_context != "causal":
+        raise TrainingError("--objective autoregressive needs a causal decoder: add --decoder_context causal (or "
+                            "start from a causal model such as converted ProteinMPNN weights)")
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     model.train()
@@ -601,6 +605,13 @@ def train(args) -> dict:
     say(f"done: {state['global_step']} steps; model in {save_dir / 'final'}"
         + (f", best validation loss {state['best_validation_loss']:.4f} in {save_dir / 'best'}"
            if state["best_validation_loss"] is not None else ""))
+    if accelerator.num_processes > 1:
+        # Everything is saved and every rank passed the last barrier. Tearing down DDP and gloo objects when
+        # this frame unwinds has deadlocked a rank now and then (a native mutex, seen once in ~30 2-rank runs),
+        # leaving the launcher waiting; exit as torchrun expects instead: flushed, status 0.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return final_metrics
 
 
@@ -613,11 +624,4 @@ def main(argv=None) -> int:
     except TrainingError as error:
         print(f"train_accelerate.py: error: {error}", file=sys.stderr)
         return 2
-    finally:
-        # Leaving the process group to the interpreter's exit has hung a rank now and then (gloo's
-        # destructor after the other rank is gone); close it while both ranks are still here.
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
     return 0
