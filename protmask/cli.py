@@ -46,7 +46,7 @@ def load_model_for(command: str, args):
               file=sys.stderr)
         return None
     try:
-        return load_model(args.model, device)
+        return load_model(args.model, device, say=lambda text: print(text, file=sys.stderr))
     except (OSError, ValueError) as error:
         print(f"protmask {command}: error: cannot load the model {args.model}: {error}", file=sys.stderr)
         return None
@@ -296,6 +296,7 @@ def evaluate_command(argv) -> int:
 
     from .data.build import DatasetBuildError
     from .evaluation import evaluate, examples_from, format_table
+    from .training.arguments import positive_int
 
     parser = argparse.ArgumentParser(
         prog="protmask evaluate",
@@ -307,13 +308,14 @@ def evaluate_command(argv) -> int:
     parser.add_argument("--pdb_path", required=True,
                         help="structure folder, file or list file, or a built dataset (see --split)")
     parser.add_argument("--split", default=None, help="with a built dataset: train, validation or test (default: all)")
-    parser.add_argument("--min_length", type=int, default=20, help="skip chains shorter than this (as the build does)")
-    parser.add_argument("--max_length", type=int, default=None, help="crop longer examples")
-    parser.add_argument("--max_tokens", type=int, default=4000, help="padded residues per batch")
+    parser.add_argument("--min_length", type=positive_int, default=20,
+                        help="skip chains shorter than this (as the build does)")
+    parser.add_argument("--max_length", type=positive_int, default=None, help="crop longer examples")
+    parser.add_argument("--max_tokens", type=positive_int, default=4000, help="padded residues per batch")
     parser.add_argument("--decoding", choices=("mask_predict", "autoregressive"), default="mask_predict",
                         help="how the designs are made (greedy): mask_predict suits models trained with the masked "
                              "objective, autoregressive is ProteinMPNN's decoding (use it for converted weights)")
-    parser.add_argument("--rounds", type=int, default=10, help="mask-predict rounds for the designs")
+    parser.add_argument("--rounds", type=positive_int, default=10, help="mask-predict rounds for the designs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fixed masks and decoding orders")
     parser.add_argument("--output", default=None, help="write the metrics as JSON here")
     parser.add_argument("--device", default=None)

@@ -19,13 +19,19 @@ LENGTH_BUCKETS = (("<100", 0, 100), ("100-300", 100, 301), (">300", 301, 10**9))
 
 def examples_from(pdb_path, split: str | None = None, min_length: int = 20):
     """(examples, failed files) from a built dataset (one split or all), or from structure files."""
-    from .data.build import BuildOptions, filter_chains, find_structure_files, is_built_dataset, load_built
+    from .data.build import (BuildOptions, DatasetBuildError, filter_chains, find_structure_files, is_built_dataset,
+                             load_built)
 
     if isinstance(pdb_path, (str, Path)) and is_built_dataset(pdb_path):
         dataset = load_built(pdb_path).dataset
+        if split and split not in dataset:
+            raise DatasetBuildError(f"--split {split}: {pdb_path} has the splits {', '.join(dataset)}")
         splits = [split] if split else list(dataset)
         rows = [row for name in splits for row in dataset[name].with_format("numpy")]
         return [to_example(row) for row in rows], []
+    if split:
+        raise DatasetBuildError(f"--split {split} needs a built dataset (protmask build-dataset prints its folder); "
+                                f"{pdb_path} is structure files")
     files, _ = find_structure_files(pdb_path)
     examples, failed = [], []
     options = BuildOptions(min_length=min_length)

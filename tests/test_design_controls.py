@@ -313,3 +313,48 @@ def test_score_command_is_deterministic_and_averages_orders(untrained, sample_di
         by_order.append([log_probs[i, AMINO_ACIDS.index(letters[i])].item() for i in np.flatnonzero(scored)])
     assert np.allclose(two.log_likelihood, np.mean(by_order, axis=0), atol=1e-5)
     assert not np.allclose(by_order[0], by_order[1], atol=1e-3)
+
+
+def test_design_and_evaluate_refuse_bad_requests_before_work(untrained, sample_dir, edge_dir, sample_build, tmp_path):
+    from safetensors.torch import save_file
+
+    from protmask.design import load_model
+
+    model, processor = untrained
+    run = tmp_path / "run"
+    model.save_pretrained(run / "final")
+    processor.tokenizer.save_pretrained(run / "final")
+    checkpoint = run / "checkpoint-00000002"
+    checkpoint.mkdir()
+    shifted = {k: v + 0.01 for k, v in model.state_dict().items()}
+    save_file(shifted, str(checkpoint / "model.safetensors"))
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 2}')
+    loaded, _ = load_model(checkpoint)  # a resumable checkpoint: its weights, the run's configuration
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in shifted.items())
+
+    structure = sample_dir / "1a8o.pdb.gz"
+    design = lambda *a: run_cli("design", "--pdb", structure, *a)  # noqa: E731
+    done = design("--model", checkpoint, "--output", tmp_path / "new" / "folder" / "out.fasta")
+    assert done.returncode == 0 and "is a resumable checkpoint" in done.stderr, done.stderr
+    assert (tmp_path / "new" / "folder" / "out.fasta").is_file()  # a missing output folder is made
+    cases = [
+        (["--model", run / "fnal", "--output", tmp_path / "x.fasta"], "no such folder"),
+        (["--model", run / "final", "--device", "cuda", "--output", tmp_path / "x.fasta"], "no CUDA GPU"),
+        (["--model", run / "final", "--temperature", "nan", "--output", tmp_path / "x.fasta"], "--temperature"),
+        (["--model", run / "final", "--fill", "AB" + "_" * 68, "--output", tmp_path / "x.fasta"], "'B'"),
+    ]
+    if torch.cuda.is_available():
+        cases.pop(1)
+    for flags, message in cases:
+        done = design(*flags)
+        assert done.returncode == 2 and message in done.stderr, (flags, done.stderr)
+    ca_only = run_cli("design", "--model", run / "final", "--pdb", edge_dir / "ca_only_1crn.pdb",
+                      "--output", tmp_path / "x.fasta")
+    assert ca_only.returncode == 2 and "nothing to design" in ca_only.stderr
+    assert not (tmp_path / "x.fasta").exists()
+
+    evaluate = lambda *a: run_cli("evaluate", "--model", run / "final", *a)  # noqa: E731
+    bogus = evaluate("--pdb_path", sample_build.path, "--split", "bogus")
+    assert bogus.returncode == 2 and "--split bogus" in bogus.stderr and "test" in bogus.stderr
+    zero = evaluate("--pdb_path", sample_dir, "--max_length", "0")
+    assert zero.returncode == 2 and "--max_length" in zero.stderr

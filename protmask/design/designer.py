@@ -45,21 +45,51 @@ class DesignResult:
     model_name: str = ""
 
 
-def load_model(path, device=None):
-    """A saved model folder (or hub id) → (model in eval mode, processor masking at its training ratio)."""
+def load_model(path, device=None, say=None):
+    """A saved model folder, a run's resumable ``checkpoint-N`` folder, or a hub id → (model in eval mode,
+    processor masking at the model's training ratio)."""
     import protmask  # noqa: F401  (registers the Auto classes)
+    from safetensors.torch import load_file
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
     from ..data.collator import ProtMaskProcessor
 
     transformers_logging.disable_progress_bar()
-    model = AutoModelForMaskedLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    folder, checkpoint = resolve_model_folder(path)
+    model = AutoModelForMaskedLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    if checkpoint is not None:
+        model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+        if say:
+            say(f"{path} is a resumable checkpoint: using its weights with the configuration and tokenizer of {folder}")
     if device is not None:
         model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
     processor = ProtMaskProcessor(tokenizer, mask_ratio=model.config.mask_ratio)
     return model, processor
+
+
+def resolve_model_folder(path) -> tuple[str, Path | None]:
+    """(folder or hub id to load the configuration from, checkpoint folder whose weights replace its own).
+
+    A training run's ``checkpoint-N`` holds weights but no configuration: that comes from the run's
+    ``final/`` or ``best/``. A local-looking path that does not exist is an error here, not a hub lookup.
+    """
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if (local / "config.json").is_file():
+            return str(local), None
+        if (local / "model.safetensors").is_file() and (local / "trainer_state.json").is_file():
+            for sibling in ("final", "best"):
+                if (local.parent / sibling / "config.json").is_file():
+                    return str(local.parent / sibling), local
+            raise ValueError(f"{path} is a resumable checkpoint, and its run has no final/ or best/ folder to take "
+                             "the configuration from; resume the run to the end, or give a final/ or best/ folder")
+        raise ValueError(f"{path} is a folder without config.json: give a save_pretrained folder (final/ or best/ "
+                         "of a run, or the output of convert-proteinmpnn)")
+    if local.is_absolute() or str(path).startswith((".", "~")) or local.parent.is_dir() and str(local.parent) != ".":
+        raise ValueError(f"{path}: no such folder")
+    return str(path), None  # a hub id
 
 
 def design_sequences(model, processor, pdb, chains=None, fix=None, fill=None, num_samples: int = 1,
