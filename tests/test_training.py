@@ -242,6 +242,13 @@ def test_tensorboard_and_offline_hub_warning_at_start(cache, tmp_path):
         (["--max_tokens_per_batch", "64"], "is smaller than the longest training example"),
         (["--pdb_path", "/nowhere"], "--pdb_path /nowhere does not exist"),
         (["--objective", "autoregressive"], "--objective autoregressive needs a causal decoder"),
+        (["--learning_rate", "inf"], "--learning_rate must be a finite number, positive; got inf"),
+        (["--learning_rate", "nan"], "--learning_rate must be a finite number"),
+        (["--weight_decay", "nan"], "--weight_decay must be a finite number"),
+        (["--backbone_noise", "nan"], "--backbone_noise must be a finite number"),
+        (["--max_grad_norm", "nan"], "--max_grad_norm must be a finite number"),
+        (["--dropout", "1.0"], "--dropout must be a finite number, in [0, 1)"),
+        (["--label_smoothing", "1.0"], "--label_smoothing must be a finite number, in [0, 1)"),
     ],
 )
 def test_bad_flags_fail_before_work(cache, tmp_path, flags, message):

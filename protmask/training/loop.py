@@ -32,16 +32,22 @@ class TrainingError(RuntimeError):
 def check_arguments(args) -> None:
     """Every check that needs no data: a bad flag or combination fails here, before any work."""
     problems = []
-    if args.learning_rate <= 0:
-        problems.append(f"--learning_rate must be positive, got {args.learning_rate}")
+    float_rules = [  # every float flag: finite and in range (NaN passes any comparison, so test it first)
+        ("--learning_rate", args.learning_rate, lambda v: v > 0, "positive"),
+        ("--weight_decay", args.weight_decay, lambda v: v >= 0, "zero or more"),
+        ("--max_grad_norm", args.max_grad_norm, lambda v: v >= 0, "zero or more (0: no clipping)"),
+        ("--backbone_noise", args.backbone_noise, lambda v: v >= 0, "zero or more (Å)"),
+        ("--dropout", args.dropout, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("--label_smoothing", args.label_smoothing, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("--max_resolution", args.max_resolution, lambda v: v > 0, "positive (Å)"),
+    ]
+    for flag, value, rule, wanted in float_rules:
+        if value is not None and not (math.isfinite(value) and rule(value)):
+            problems.append(f"{flag} must be a finite number, {wanted}; got {value}")
     if not 0.0 < args.mask_ratio <= 1.0:
         problems.append(f"--mask_ratio must be in (0, 1], got {args.mask_ratio}")
     if args.mask_ratio_max is not None and args.mask_ratio_max < args.mask_ratio:
         problems.append(f"--mask_ratio_max ({args.mask_ratio_max}) must be at least --mask_ratio ({args.mask_ratio})")
-    if args.backbone_noise < 0:
-        problems.append(f"--backbone_noise must be zero or more, got {args.backbone_noise}")
-    if args.weight_decay < 0 or args.max_grad_norm < 0:
-        problems.append("--weight_decay and --max_grad_norm must be zero or more")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         problems.append("--mixed_precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
     if args.push_to_hub and not args.hub_model_id:
