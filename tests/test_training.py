@@ -295,3 +295,111 @@ def test_fine_tuning_converted_proteinmpnn_on_two_ranks_resumes_exactly(cache, t
     assert config["decoder_context"] == "causal" and config["message_bias_per_neighbor"] is True
     # Validation is ProteinMPNN's teacher-forced accuracy, which the published weights already do well at.
     assert records(tmp_path / "whole", "validation")[-1]["accuracy"] > 0.3
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), children first."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == parent:
+                    found.append(int(entry.name))
+                    frontier.append(int(entry.name))
+    return found
+
+
+def wait_for_training(save_dir, process, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        path = Path(save_dir) / "metrics.jsonl"
+        if path.is_file() and '"split": "train"' in path.read_text():
+            return
+        time.sleep(0.02)
+    raise AssertionError("training did not start")
+
+
+def checkpoint_step(stdout: str) -> int:
+    import re
+
+    match = re.search(r"preempted: checkpoint of step (\d+)", stdout)
+    assert match, stdout[-2000:]
+    return int(match.group(1))
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_identically(cache, uninterrupted, tmp_path):
+    from protmask.training.preemption import PREEMPTED_EXIT_CODE
+
+    command = [sys.executable, SCRIPT] + RESUME + ["--cache_dir", cache, "--max_train_steps", "100000",
+                                                   "--save_dir", str(tmp_path)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    wait_for_training(tmp_path, process)
+    os.kill(process.pid, signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert "received SIGTERM: finishing this optimizer step" in stderr
+    step = checkpoint_step(stdout)
+    assert list_checkpoints(tmp_path)[-1].name == f"checkpoint-{step:08d}" and not (tmp_path / "final").exists()
+    # SLURM's requeue runs the same command with --resume_from_checkpoint latest: it ends where an
+    # uninterrupted run ends, bit for bit.
+    target = 7 if step < 7 else step + 2
+    reference = uninterrupted
+    if target != 7:
+        reference = tmp_path / "reference"
+        launch(RESUME + ["--cache_dir", cache, "--max_train_steps", target, "--save_dir", reference])
+    launch(RESUME + ["--cache_dir", cache, "--max_train_steps", target, "--save_dir", tmp_path,
+                     "--resume_from_checkpoint", "latest"])
+    assert max_difference(weights(tmp_path), weights(reference)) == 0.0
+
+
+def test_a_second_signal_stops_at_once(sample_dir, tmp_path):
+    # The first signal arrives during the dataset build (a fresh cache, one parse process), the second soon
+    # after: the run must not wait for the build and the first training step.
+    cache = tmp_path / "cache"
+    command = [sys.executable, SCRIPT] + TINY + ["--cache_dir", str(cache), "--num_proc", "1",
+                                                 "--save_dir", str(tmp_path / "run")]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (cache.is_dir() and any(p.name.startswith(".protmask-dataset") for p in cache.iterdir())):
+        assert time.time() < deadline and process.poll() is None, "the build did not start"
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGTERM)
+    time.sleep(0.1)
+    os.kill(process.pid, signal.SIGTERM)
+    stopped = time.time()
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert time.time() - stopped < 5 and not list_checkpoints(tmp_path / "run")
+
+
+def test_sigint_to_one_of_two_ranks_stops_both_after_the_same_step(cache, tmp_path):
+    common = RESUME + ["--cache_dir", cache, "--dropout", "0.1"]
+    prefix = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
+              "--main_process_port", str(free_port()), SCRIPT]
+    process = subprocess.Popen(prefix + [str(a) for a in common + ["--max_train_steps", "100000",
+                                                                   "--save_dir", tmp_path / "preempted"]],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    wait_for_training(tmp_path / "preempted", process)
+    ranks = [p for p in descendants(process.pid)
+             if "train_accelerate.py" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
+             and "accelerate" not in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace").split("\0")[0]]
+    assert len(ranks) == 2, ranks
+    os.kill(ranks[-1], signal.SIGINT)  # one rank only: the other learns of it in the step's all-reduce
+    stdout, stderr = process.communicate(timeout=180)
+    assert process.returncode != 0
+    step = checkpoint_step(stdout)
+    checkpoint = tmp_path / "preempted" / f"checkpoint-{step:08d}"
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == step
+    target = step + 2
+    launch(common + ["--max_train_steps", target, "--save_dir", tmp_path / "preempted",
+                     "--resume_from_checkpoint", "latest"], launcher="accelerate")
+    launch(common + ["--max_train_steps", target, "--save_dir", tmp_path / "whole"], launcher="accelerate")
+    assert max_difference(weights(tmp_path / "preempted"), weights(tmp_path / "whole")) == 0.0

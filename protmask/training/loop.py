@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..runtime import tune_cpu_allocator
+from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch, exit_process
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -378,6 +379,7 @@ def train(args) -> dict:
     transformers.utils.logging.disable_progress_bar()  # one progress bar: ours
     datasets.disable_progress_bars()
     check_arguments(args)
+    preemption = PreemptionWatch().install()
     accelerator = build_accelerator(args)
     say = accelerator.print
     legacy_flags(args, say)
@@ -525,7 +527,8 @@ def train(args) -> dict:
                 scored = batch["labels"] != -100
                 correct += int((logits.detach().argmax(-1)[scored] == batch["labels"][scored]).sum())
                 residues += int(batch["attention_mask"].sum())
-            totals = accelerator.reduce(torch.tensor([loss_sum, correct, residues, 0.0 if math.isfinite(loss_sum) else 1.0],
+            totals = accelerator.reduce(torch.tensor([loss_sum, correct, residues, 0.0 if math.isfinite(loss_sum) else 1.0,
+                                                      float(preemption.requested)],
                                                      dtype=torch.float64, device=accelerator.device), "sum")
             if totals[3] > 0:  # non-finite on some rank: every rank skips this step alike
                 optimizer.zero_grad(set_to_none=True)
@@ -573,6 +576,15 @@ def train(args) -> dict:
                 window = dict.fromkeys(window, 0) | {"loss_sum": 0.0, "seconds": 0.0, "waiting": 0.0}
 
             finished = state["global_step"] >= max_train_steps
+            if totals[4] > 0 and not finished:  # some rank was signalled: all stop after this same step
+                path = save_checkpoint(accelerator, args, dict(state))
+                say(f"preempted: checkpoint of step {state['global_step']} in {path}; continue the run with "
+                    f"--resume_from_checkpoint latest (exit status {PREEMPTED_EXIT_CODE})")
+                accelerator.end_training()
+                if accelerator.num_processes > 1:
+                    exit_process(PREEMPTED_EXIT_CODE)
+                preemption.uninstall()
+                raise Preempted(str(path))
             if args.eval_steps and state["global_step"] % args.eval_steps == 0:
                 validate(epoch)
             if isinstance(args.checkpointing_steps, int) and state["global_step"] % args.checkpointing_steps == 0 \
@@ -615,9 +627,8 @@ def train(args) -> dict:
         # Everything is saved and every rank passed the last barrier. Tearing down DDP and gloo objects when
         # this frame unwinds has deadlocked a rank now and then (a native mutex, seen once in ~30 2-rank runs),
         # leaving the launcher waiting; exit as torchrun expects instead: flushed, status 0.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        exit_process(0)
+    preemption.uninstall()
     return final_metrics
 
 
@@ -630,4 +641,6 @@ def main(argv=None) -> int:
     except TrainingError as error:
         print(f"train_accelerate.py: error: {error}", file=sys.stderr)
         return 2
+    except Preempted:
+        return PREEMPTED_EXIT_CODE
     return 0
