@@ -297,6 +297,16 @@ class RunLog:
         self.accelerator = accelerator
         self.path = save_dir / "metrics.jsonl"
 
+    def forget_after(self, step: int) -> None:
+        """A resumed run replays the steps after its checkpoint: drop their records, so none appears twice."""
+        if not self.accelerator.is_main_process or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        os.replace(temporary, self.path)
+
     def write(self, record: dict) -> None:
         if not self.accelerator.is_main_process:
             return
@@ -455,6 +465,8 @@ def train(args) -> dict:
     accelerator.wait_for_everyone()
 
     log = RunLog(accelerator, save_dir)
+    if resume_path is not None:
+        log.forget_after(state["global_step"])
     network = accelerator.unwrap_model(model)
     label_smoothing = network.config.label_smoothing
     progress = tqdm(total=max_train_steps, initial=state["global_step"], disable=not accelerator.is_local_main_process,
