@@ -15,7 +15,7 @@ TRAIN_ARGS ?= --hidden_dim 64 --num_encoder_layers 2 --num_decoder_layers 2 --nu
 	--lr_scheduler_type cosine --warmup_steps 30 --num_workers 0 --logging_steps 20 --save_total_limit 2 \
 	--save_dir runs/demo
 
-.PHONY: train test install clean
+.PHONY: train test test-faults install clean
 
 install: $(STAMP)
 
@@ -39,7 +39,11 @@ train: $(STAMP)
 	$(PY) train_accelerate.py $(TRAIN_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not faults"
+
+# Preemption and kill tests: real SIGTERM, SIGINT and SIGKILL against training runs on 1 and 2 ranks.
+test-faults: $(STAMP)
+	$(PY) -m pytest -q -m faults
 
 clean:
 	rm -rf $(VENV) runs cache *.egg-info

@@ -104,6 +104,7 @@ def test_resume_continues_exactly(cache, uninterrupted, tmp_path):
     assert records(tmp_path, "train")[-1]["epoch"] == 1
 
 
+@pytest.mark.faults
 def test_sigkill_resumes_from_last_complete_checkpoint(cache, uninterrupted, tmp_path):
     import random
 
@@ -341,6 +342,7 @@ def checkpoint_step(stdout: str) -> int:
     return int(match.group(1))
 
 
+@pytest.mark.faults
 def test_sigterm_finishes_the_step_checkpoints_and_resumes_identically(cache, uninterrupted, tmp_path):
     from protmask.training.preemption import PREEMPTED_EXIT_CODE
 
@@ -367,6 +369,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_identically(cache, un
     assert max_difference(weights(tmp_path), weights(reference)) == 0.0
 
 
+@pytest.mark.faults
 def test_a_second_signal_stops_at_once(sample_dir, tmp_path):
     # The first signal arrives during the dataset build (a fresh cache, one parse process), the second soon
     # after: the run must not wait for the build and the first training step.
@@ -387,6 +390,7 @@ def test_a_second_signal_stops_at_once(sample_dir, tmp_path):
     assert time.time() - stopped < 5 and not list_checkpoints(tmp_path / "run")
 
 
+@pytest.mark.faults
 def test_sigint_to_one_of_two_ranks_stops_both_after_the_same_step(cache, tmp_path):
     common = RESUME + ["--cache_dir", cache, "--dropout", "0.1"]
     prefix = [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
