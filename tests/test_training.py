@@ -416,3 +416,23 @@ def test_sigint_to_one_of_two_ranks_stops_both_after_the_same_step(cache, tmp_pa
                      "--resume_from_checkpoint", "latest"], launcher="accelerate")
     launch(common + ["--max_train_steps", target, "--save_dir", tmp_path / "whole"], launcher="accelerate")
     assert max_difference(weights(tmp_path / "preempted"), weights(tmp_path / "whole")) == 0.0
+
+
+def test_latest_skips_a_damaged_checkpoint_and_a_named_one_is_refused(cache, uninterrupted, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    newest, previous = list_checkpoints(run)[-1], list_checkpoints(run)[-2]
+    weights_file = newest / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[: weights_file.stat().st_size // 2])  # truncated
+    resumed = launch(RESUME + ["--cache_dir", cache, "--max_train_steps", "8", "--save_dir", run,
+                               "--resume_from_checkpoint", "latest"])
+    assert f"skipping {newest.name}, it does not load" in resumed.stdout
+    assert f"resumed from {previous}" in resumed.stdout
+
+    (previous / "random_states_0.pkl").write_bytes(b"not a pickle")
+    refused = launch(RESUME + ["--cache_dir", cache, "--max_train_steps", "8", "--save_dir", run,
+                               "--resume_from_checkpoint", previous], check=False)
+    assert refused.returncode == 2
+    assert f"--resume_from_checkpoint {previous} does not load" in refused.stderr

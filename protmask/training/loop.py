@@ -98,13 +98,45 @@ def list_checkpoints(save_dir) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def resolve_resume(args) -> Path | None:
+def checkpoint_damage(path: Path) -> str | None:
+    """What makes a checkpoint unusable (a file truncated, unreadable or missing), or None when it loads."""
+    from safetensors import safe_open
+
+    try:
+        json.loads((path / TRAINER_STATE).read_text())
+        weights = sorted(path.glob("*.safetensors")) or [path / "model.safetensors"]
+        for file in weights:
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    handle.get_tensor(key)
+        for file in sorted(path.glob("*.bin")):
+            torch.load(str(file), map_location="cpu", weights_only=True)
+        for file in sorted(path.glob("random_states_*.pkl")):
+            # Our own file, written by accelerate.save_state: numpy and Python RNG states need full unpickling.
+            torch.load(str(file), map_location="cpu", weights_only=False)
+    except Exception as error:  # any failure means the same for a resume: this checkpoint cannot restore the run
+        return f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    return None
+
+
+def resolve_resume(args, say=print) -> Path | None:
+    """The checkpoint to resume from. ``latest`` takes the newest one that loads, saying which it skipped and
+    why; a named checkpoint that does not load is an error (resuming from a damaged state is never exact)."""
     if not args.resume_from_checkpoint:
         return None
     if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(args.save_dir)
-        return checkpoints[-1] if checkpoints else None
-    return Path(args.resume_from_checkpoint)
+        for checkpoint in reversed(list_checkpoints(args.save_dir)):
+            damage = checkpoint_damage(checkpoint)
+            if damage is None:
+                return checkpoint
+            say(f"--resume_from_checkpoint latest: skipping {checkpoint.name}, it does not load ({damage})")
+        return None
+    path = Path(args.resume_from_checkpoint)
+    damage = checkpoint_damage(path)
+    if damage is not None:
+        raise TrainingError(f"--resume_from_checkpoint {path} does not load ({damage}); resume from an earlier "
+                            f"checkpoint-N in {path.parent}, or 'latest' to take the newest one that loads")
+    return path
 
 
 def save_checkpoint(accelerator, args, state: dict) -> Path:
@@ -398,7 +430,7 @@ def train(args) -> dict:
     save_dir = Path(args.save_dir)
     if accelerator.is_main_process:
         save_dir.mkdir(parents=True, exist_ok=True)
-    resume_path = resolve_resume(args)
+    resume_path = resolve_resume(args, say)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         say(f"--resume_from_checkpoint latest: no complete checkpoint in {save_dir} yet; starting from scratch.")
 
