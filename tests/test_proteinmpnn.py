@@ -11,7 +11,7 @@ import torch
 
 import protmask  # noqa: F401  (Auto classes)
 from protmask import ProtMaskConfig, ProtMaskForMaskedLM, ProtMaskProcessor, ProtMaskTokenizer, parse_structure
-from protmask.design import design_sequences, plan_design, DesignOptions
+from protmask.design import DesignOptions, plan_design
 from protmask.design.decoding import decode
 from protmask.evaluation import evaluate, examples_from
 from protmask.models.convert_proteinmpnn import (PROTEINMPNN_ALPHABET, convert_proteinmpnn, resolve_checkpoint)
@@ -80,7 +80,7 @@ def test_autoregressive_design_is_proteinmpnn_decoding(v020, sample_dir):
     batch = processor([chains])
     width, length = batch["input_ids"].shape[1], len(plan.unit_of)
     pad = lambda a, v: torch.nn.functional.pad(torch.as_tensor(a), (0, width - length), value=v)[None]  # noqa: E731
-    arguments = (model_batch := batch, pad(plan.unit_of, -1), pad(plan.scoring, False),
+    arguments = (batch, pad(plan.unit_of, -1), pad(plan.scoring, False),
                  torch.tensor(processor.tokenizer.amino_acid_ids), processor.tokenizer.mask_token_id)
     stepwise = decode(ours, *arguments, decoding="autoregressive", temperature=0.0,
                       generator=torch.Generator().manual_seed(4))
@@ -92,7 +92,7 @@ def test_autoregressive_design_is_proteinmpnn_decoding(v020, sample_dir):
 
     # ProteinMPNN scoring the designed sequence in the same order gives the log-probabilities drawn from.
     letters = processor.tokenizer.convert_ids_to_tokens(stepwise.tokens[0, :length].tolist())
-    inputs = reference_inputs(model_batch, "".join(letters))
+    inputs = reference_inputs(batch, "".join(letters))
     given = np.flatnonzero(~np.pad(plan.designed, (0, width - length)))  # padding included, as decode sees it
     given_order = torch.randperm(len(given), generator=torch.Generator().manual_seed(4))  # decode's first draw
     rank = np.empty(width, dtype=np.int64)

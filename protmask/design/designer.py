@@ -139,8 +139,8 @@ def design_plan(model, processor, plan: DesignPlan, num_samples: int = 1, temper
         others = _global_score_terms(model, batch, encoding, plan, letters, allowed, tokenizer.mask_token_id,
                                      seed + sample)
         probability = np.exp(log_prob)
-        positions = [(plan.index.chain_ids[plan.index.chain_of[p]], plan.index.labels[p][len(plan.index.chain_ids[
-            plan.index.chain_of[p]]):], native[p], letters[p], float(probability[p])) for p in designed]
+        positions = [(*plan.index.chain_and_residue(p), native[p], letters[p], float(probability[p]))
+                     for p in designed]
         designs.append(Design(
             sequence=plan.sequence_of(letters),
             recovery=float((letters[recovered] == native[recovered]).mean()) if recovered.any() else float("nan"),

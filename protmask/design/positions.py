@@ -34,6 +34,11 @@ class ResidueIndex:
         index = self.chain_ids.index(chain_id)
         return np.arange(self.offsets[index], self.offsets[index + 1])
 
+    def chain_and_residue(self, position: int) -> tuple[str, str]:
+        """``("A", "52A")`` for a position."""
+        chain_id = self.chain_ids[self.chain_of[position]]
+        return chain_id, self.labels[position][len(chain_id):]
+
     def resolve(self, item: str, flag: str) -> list[int]:
         """``"A12"`` → [position]; ``"A1-10"`` → the positions numbered 1 to 10 of chain A, in chain order."""
         match = _ITEM.fullmatch(item.strip())
