@@ -20,7 +20,8 @@ def build_dataset_command(argv) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even when a cached build matches")
     args = parser.parse_args(argv)
     try:
-        result = build_dataset(args.pdb_path, args.cache_dir, build_options(args), num_proc=args.num_proc, force=args.force)
+        result = build_dataset(args.pdb_path, args.cache_dir, build_options(args), num_proc=args.num_proc,
+                               force=args.force or args.rebuild_dataset)
     except DatasetBuildError as error:
         print(f"protmask build-dataset: error: {error}", file=sys.stderr)
         return 2

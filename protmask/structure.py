@@ -18,9 +18,9 @@ PDB_SUFFIXES = (".pdb", ".ent")
 MMCIF_SUFFIXES = (".cif", ".mmcif")
 STRUCTURE_SUFFIXES = tuple(s + z for s in PDB_SUFFIXES + MMCIF_SUFFIXES for z in ("", ".gz"))
 
-#: A structure file that inflates (or weighs) more than this is refused before it is read into memory.
-#: The largest PDB entries are a few hundred MB of mmCIF text; 1 GiB leaves room while stopping gzip bombs.
-MAX_STRUCTURE_BYTES = 1 << 30
+#: A structure file that inflates (or weighs) more than this is refused before it is read. The largest PDB
+#: entries are a few hundred MB of mmCIF text; Biopython holds several times a file's size while parsing.
+MAX_STRUCTURE_BYTES = 512 << 20
 
 
 class StructureError(ValueError):
@@ -82,34 +82,40 @@ def is_structure_file(path) -> bool:
     return Path(path).name.lower().endswith(STRUCTURE_SUFFIXES)
 
 
-def read_text(path, max_bytes: int = MAX_STRUCTURE_BYTES) -> str:
-    """The file's text, inflating gzip in chunks so that an oversized file is refused, not loaded."""
+def inflated_size(path, max_bytes: int = MAX_STRUCTURE_BYTES) -> int:
+    """The file's size once inflated, counted in a stream that keeps nothing; StructureError when it passes
+    ``max_bytes`` (a gzip bomb is refused after reading at most max_bytes + 1 MiB, holding 1 MiB at a time)."""
     path = Path(path)
     try:
-        if path.name.lower().endswith(".gz"):
-            chunks, total = [], 0
+        if not path.name.lower().endswith(".gz"):
+            size = path.stat().st_size
+        else:
+            size = 0
             with gzip.open(path, "rb") as handle:
                 while chunk := handle.read(1 << 20):
-                    total += len(chunk)
-                    if total > max_bytes:
-                        raise StructureError(path, f"inflates past {max_bytes} bytes; refused (raise max_bytes to allow it)")
-                    chunks.append(chunk)
-            data = b"".join(chunks)
-        else:
-            size = path.stat().st_size
-            if size > max_bytes:
-                raise StructureError(path, f"{size} bytes is over the {max_bytes}-byte limit; refused")
-            data = path.read_bytes()
-    except StructureError:
-        raise
+                    size += len(chunk)
+                    if size > max_bytes:
+                        break
     except FileNotFoundError:
         raise StructureError(path, "no such file") from None
     except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
         raise StructureError(path, f"cannot read: {error}") from None
-    text = data.decode("utf-8", errors="replace")
-    if not text.strip():
+    if size > max_bytes:
+        raise StructureError(path, f"inflates past {max_bytes >> 20} MB (the --max_file_mb limit); refused without "
+                                   "reading it into memory")
+    if size == 0:
         raise StructureError(path, "empty file")
-    return text
+    return size
+
+
+def open_text(path, max_bytes: int = MAX_STRUCTURE_BYTES):
+    """A text handle that inflates as it is read, after the size check: the parser holds its own structures,
+    never a second copy of the whole text."""
+    inflated_size(path, max_bytes)
+    path = Path(path)
+    if path.name.lower().endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
 
 
 def _pick_altloc(atom):
@@ -167,12 +173,13 @@ def parse_structure(path, max_bytes: int = MAX_STRUCTURE_BYTES) -> list[ProteinC
 
     path = Path(path)
     kind = structure_format(path)
-    text = read_text(path, max_bytes)
     parser = PDBParser(QUIET=True, PERMISSIVE=1) if kind == "pdb" else MMCIFParser(QUIET=True)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), open_text(path, max_bytes) as handle:
             warnings.simplefilter("ignore")
-            structure = parser.get_structure(path.name, io.StringIO(text))
+            structure = parser.get_structure(path.name, handle)
+    except StructureError:
+        raise
     except Exception as error:  # Biopython raises many types (ValueError, KeyError, PDBConstructionException)
         raise StructureError(path, f"unreadable {kind.upper()} ({type(error).__name__}: {error})") from None
     models = list(structure)

@@ -4,11 +4,13 @@ fingerprinted by its inputs and options, with a report that accounts for every f
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import socket
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -40,6 +42,7 @@ class BuildOptions:
     test_fraction: float = 0.1
     cluster_file: str | None = None
     seed: int = 0
+    max_file_mb: int = 512
 
     def validate(self) -> None:
         if self.min_length < 1:
@@ -54,6 +57,8 @@ class BuildOptions:
                 raise DatasetBuildError(f"--{name} must be in [0, 1), got {value}")
         if self.validation_fraction + self.test_fraction >= 1.0:
             raise DatasetBuildError("--validation_fraction + --test_fraction must leave some data for training (sum < 1)")
+        if self.max_file_mb < 1:
+            raise DatasetBuildError(f"--max_file_mb must be at least 1, got {self.max_file_mb}")
         if self.cluster_file is not None and not Path(self.cluster_file).is_file():
             raise DatasetBuildError(f"--cluster_file {self.cluster_file} does not exist; give a TSV of chain → cluster id")
 
@@ -94,47 +99,96 @@ def is_built_dataset(path) -> bool:
     return (Path(path) / "dataset_dict.json").is_file()
 
 
-def find_structure_files(pdb_path, flag: str = "--pdb_path") -> tuple[list[Path], Path]:
+def find_structure_files(pdb_path, flag: str = "--pdb_path", skipped: list | None = None) -> tuple[list[Path], Path]:
     """The structure files a ``--pdb_path`` names, and the folder their names are made relative to.
 
-    Accepts a folder (searched recursively), one structure file, or a text file listing paths one a line
-    (relative paths are read from the list file's folder). Fails before any work when nothing is there.
+    Accepts a folder (searched recursively, following symbolic links), one structure file, or a text file
+    listing paths one a line (relative paths are read from the list file's folder). Fails before any work when
+    nothing is there. Paths that cannot be followed (dangling links, link loops, unreadable folders) are
+    appended to ``skipped`` as ``{"path", "reason"}``.
     """
+    skipped = [] if skipped is None else skipped
     paths = [Path(p) for p in ([pdb_path] if isinstance(pdb_path, (str, os.PathLike)) else pdb_path)]
     files, roots = [], []
     for path in paths:
         if not path.exists():
             raise DatasetBuildError(f"{flag} {path} does not exist; give a folder of PDB/mmCIF files, a file, or a list file")
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_structure_file(p))
+            found = walk_folder(path.absolute(), skipped)
             if not found:
                 raise DatasetBuildError(
                     f"{flag} {path} holds no structure files (*.pdb, *.ent, *.cif, *.mmcif, optionally .gz)"
                 )
             files += found
-            roots.append(path)
+            roots.append(path.absolute())
         elif is_structure_file(path):
-            files.append(path)
-            roots.append(path.parent)
+            files.append(path.absolute())
+            roots.append(path.absolute().parent)
         elif path.name.lower().endswith(LIST_SUFFIXES):
             listed = []
             for line in path.read_text().splitlines():
                 line = line.strip()
                 if line and not line.startswith("#"):
                     item = Path(line)
-                    listed.append(item if item.is_absolute() else path.parent / item)
+                    listed.append(item if item.is_absolute() else path.absolute().parent / item)
             if not listed:
                 raise DatasetBuildError(f"{flag} {path} is a list file with no paths in it")
             files += listed
-            roots.append(path.parent)
+            roots.append(path.absolute().parent)
         else:
             raise DatasetBuildError(
                 f"{flag} {path} is neither a folder, a structure file, a list file ({', '.join(LIST_SUFFIXES)}) "
                 "nor a built dataset"
             )
-    root = Path(os.path.commonpath([str(r.resolve()) for r in roots])) if roots else Path(".")
-    unique = list(dict.fromkeys(p.resolve() for p in files))
-    return unique, root
+    root = Path(os.path.commonpath([str(r) for r in roots])) if roots else Path(".")
+    unique = {}
+    for file in files:  # one entry per real file, named by the first path it was found under
+        unique.setdefault(os.path.realpath(file), file)
+    return list(unique.values()), root
+
+
+def walk_folder(folder: Path, skipped: list) -> list[Path]:
+    """Structure files under ``folder``, sorted, following symbolic links to folders once each: a link back to a
+    folder already visited (a loop, or a second link to it) is recorded in ``skipped``, as are dangling links
+    and folders that cannot be read."""
+    found, visited = [], set()
+
+    def visit(directory: Path) -> None:
+        try:
+            status = directory.stat()
+            entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+        except OSError as error:
+            skipped.append({"path": str(directory), "reason": f"unreadable folder ({error.strerror or error})"})
+            return
+        if (status.st_dev, status.st_ino) in visited:
+            skipped.append({"path": str(directory), "reason": "folder already visited (a symbolic link loop or a "
+                                                              "second link to the same folder)"})
+            return
+        visited.add((status.st_dev, status.st_ino))
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                if entry.is_dir(follow_symlinks=True):
+                    visit(path)
+                elif entry.is_file(follow_symlinks=True):
+                    if is_structure_file(path):
+                        found.append(path)
+                elif entry.is_symlink():
+                    skipped.append({"path": str(path), "reason": f"dangling symbolic link to {os.readlink(path)}"})
+            except OSError as error:
+                skipped.append({"path": str(path), "reason": f"cannot be read ({error.strerror or error})"})
+
+    visit(folder)
+    return found
+
+
+def dataset_fingerprint(pdb_path, options: "BuildOptions") -> str:
+    """The fingerprint a build of ``pdb_path`` has (or will have), without building: a run checks it on resume."""
+    if isinstance(pdb_path, (str, os.PathLike)) and is_built_dataset(pdb_path):
+        report = Path(pdb_path) / REPORT_NAME
+        return json.loads(report.read_text()).get("fingerprint", str(pdb_path)) if report.is_file() else str(pdb_path)
+    files, _ = find_structure_files(pdb_path)
+    return fingerprint(files, options)
 
 
 def entry_name(path: Path, root: Path) -> str:
@@ -166,10 +220,10 @@ def fingerprint(files: list[Path], options: BuildOptions) -> str:
     return digest.hexdigest()[:16]
 
 
-def _parse_one(path: str):
+def _parse_one(path: str, max_bytes: int):
     """Worker: parse one file; every failure comes back as data, never as an exception."""
     try:
-        return path, parse_structure(path), None
+        return path, parse_structure(path, max_bytes), None
     except StructureError as error:
         return path, None, error.reason
     except Exception as error:  # a Biopython or I/O failure we did not foresee still must not stop the build
@@ -291,7 +345,7 @@ def _summary(report: dict) -> str:
     lines = [
         f"dataset: {report['dataset_path']}",
         f"files: {report['files_seen']} seen, {report['files_parsed']} parsed, {len(report['files_failed'])} failed, "
-        f"{len(report['files_without_chains'])} with no chain kept",
+        f"{len(report['files_without_chains'])} with no chain kept, {len(report.get('paths_skipped', []))} paths skipped",
         f"chains: {report['chains_seen']} seen, {report['chains_kept']} kept, {len(report['chains_filtered'])} filtered",
     ]
     for reason, count in sorted(report["filter_counts"].items(), key=lambda kv: -kv[1]):
@@ -301,6 +355,8 @@ def _summary(report: dict) -> str:
         for s in SPLITS
     )
     lines.append(f"splits ({report['split_by']}): {sizes}")
+    for item in report.get("paths_skipped", [])[:10]:
+        lines.append(f"  skipped: {item['path']}: {item['reason']}")
     failed = report["files_failed"]
     for item in failed[:10]:
         lines.append(f"  failed: {item['file']}: {item['error']}")
@@ -310,10 +366,42 @@ def _summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def load_built(path) -> BuildResult:
+def data_file_sizes(folder: Path) -> dict[str, int]:
+    """Size of every Arrow and metadata file of a saved dataset, recorded at build time and checked on load."""
+    return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.name != REPORT_NAME and (f.suffix in (".arrow", ".json"))}
+
+
+def dataset_damage(path: Path) -> str | None:
+    """What is wrong with a built dataset folder (a file missing, truncated or unreadable), or None."""
+    from datasets import load_from_disk
+
+    report_path = path / REPORT_NAME
+    recorded = json.loads(report_path.read_text()).get("data_files", {}) if report_path.is_file() else {}
+    for name, size in recorded.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} when it was built"
+    try:
+        dataset = load_from_disk(str(path))
+        for split in dataset.values():
+            if len(split):
+                split[len(split) - 1]  # reads the last row: a truncated Arrow file fails here
+    except Exception as error:  # datasets and pyarrow raise many types for a damaged folder
+        return f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    return None
+
+
+def load_built(path, check: bool = True) -> BuildResult:
     from datasets import load_from_disk
 
     path = Path(path)
+    if check and (damage := dataset_damage(path)) is not None:
+        raise DatasetBuildError(
+            f"the dataset {path} is damaged ({damage}); build it again from its structure files: protmask "
+            "build-dataset --pdb_path FILES --cache_dir DIR --force, or train_accelerate.py --rebuild_dataset")
     report_path = path / REPORT_NAME
     report = json.loads(report_path.read_text()) if report_path.is_file() else {"dataset_path": str(path)}
     dataset = load_from_disk(str(path))
@@ -340,13 +428,17 @@ def build_dataset(
     options.validate()
     if isinstance(pdb_path, (str, os.PathLike)) and is_built_dataset(pdb_path):
         return load_built(pdb_path)
-    files, root = find_structure_files(pdb_path)
+    skipped = []
+    files, root = find_structure_files(pdb_path, skipped=skipped)
     key = fingerprint(files, options)
     target = Path(cache_dir) / f"protmask-dataset-{key}"
     if not force and is_built_dataset(target) and (target / REPORT_NAME).is_file():
-        result = load_built(target)
-        log(f"reusing the dataset built from these {len(files)} files with these options: {target}")
-        return result
+        damage = dataset_damage(target)
+        if damage is None:
+            result = load_built(target, check=False)
+            log(f"reusing the dataset built from these {len(files)} files with these options: {target}")
+            return result
+        log(f"the cached dataset {target} is damaged ({damage}); building it again")
 
     import datasets
     from datasets import Dataset, DatasetDict
@@ -355,10 +447,15 @@ def build_dataset(
     datasets.disable_progress_bars()
     started = time.time()
     num_proc = max(1, min(num_proc or os.cpu_count() or 1, len(files)))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    # Host and pid: two machines sharing --cache_dir may have processes with the same pid.
+    staging = target.parent / f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    except OSError as error:
+        raise DatasetBuildError(f"cannot write the dataset to --cache_dir {cache_dir} ({error.strerror or error}); "
+                                "give a writable --cache_dir with free space") from None
 
     report = {
         "dataset_path": str(target),
@@ -368,6 +465,7 @@ def build_dataset(
         "options": asdict(options),
         "num_proc": num_proc,
         "files_seen": len(files),
+        "paths_skipped": skipped,
         "files_parsed": 0,
         "files_failed": [],
         "files_without_chains": [],
@@ -384,13 +482,14 @@ def build_dataset(
     def rows():
         nonlocal unclustered
         paths = [str(p) for p in files]
+        parse = functools.partial(_parse_one, max_bytes=options.max_file_mb << 20)
         if num_proc > 1:
             # fork: no re-import of the caller's __main__ (scripts without a main guard work), cheap start.
             context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
             pool = ProcessPoolExecutor(num_proc, mp_context=context)
-            results = pool.map(_parse_one, paths, chunksize=max(1, min(16, len(paths) // (num_proc * 4) or 1)))
+            results = pool.map(parse, paths, chunksize=max(1, min(16, len(paths) // (num_proc * 4) or 1)))
         else:
-            pool, results = None, map(_parse_one, paths)
+            pool, results = None, map(parse, paths)
         try:
             for path, chains, error in results:
                 rel = entry_name(Path(path), root)
@@ -477,10 +576,14 @@ def build_dataset(
         DatasetDict(splits).save_to_disk(
             str(final_dir), num_shards={s: 1 for s in SPLITS if len(splits[s]) == 0} or None
         )
+        report["data_files"] = data_file_sizes(final_dir)
         (final_dir / REPORT_NAME).write_text(json.dumps(report, indent=1))
         # Rename last: a killed build leaves only a .tmp folder, never a dataset that looks complete.
         shutil.rmtree(target, ignore_errors=True)
         os.replace(final_dir, target)
+    except OSError as error:
+        raise DatasetBuildError(f"cannot write the dataset to --cache_dir {cache_dir} ({error.strerror or error}); "
+                                "give a writable --cache_dir with free space; nothing half-written was kept") from None
     except DatasetBuildError as error:
         # A refused build still says what happened to every file.
         failed_report = target.parent / f"{target.name}.failed-{REPORT_NAME}"
@@ -488,7 +591,7 @@ def build_dataset(
         raise DatasetBuildError(f"{error}\nfull report: {failed_report}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    result = load_built(target)
+    result = load_built(target, check=False)
     result.reused = False
     log(_summary(report))
     return result

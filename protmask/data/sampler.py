@@ -26,10 +26,13 @@ class EpochOrder(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __iter__(self):
+    def order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
-            return iter(range(self.num_examples))
-        return iter(np.random.default_rng((self.seed, self.epoch)).permutation(self.num_examples).tolist())
+            return np.arange(self.num_examples)
+        return np.random.default_rng((self.seed, epoch)).permutation(self.num_examples)
+
+    def __iter__(self):
+        return iter(self.order(self.epoch).tolist())
 
     def __len__(self) -> int:
         return self.num_examples
@@ -45,8 +48,10 @@ class LengthBucketBatchSampler(Sampler[list]):
     length, so the ranks of one step carry similar work and none waits long at the gradient all-reduce, and
     a step's global batch is the same whether it is spread over ranks or accumulated on one. Without
     shuffling (evaluation) examples go in length order and ``num_replicas`` pads the list with empty batches
-    to a multiple of the ranks, so that Accelerate need not repeat examples. ``tag_epoch`` yields
-    ``(index, epoch)`` keys for epoch-seeded masks.
+    to a multiple of the ranks, so that Accelerate need not repeat examples; with shuffling it repeats the
+    epoch's first batches to fill the last round, as Accelerate would, but from the whole epoch's plan, so that
+    a resumed epoch ends exactly like an uninterrupted one. ``tag_epoch`` yields ``(index, epoch)`` keys for
+    epoch-seeded masks.
     """
 
     batch_size = None  # variable-size batches: Accelerate shards them whole, never splits them
@@ -83,7 +88,8 @@ class LengthBucketBatchSampler(Sampler[list]):
                     f"the token budget {max_tokens} is smaller than the longest example ({longest} padded tokens); "
                     "raise --max_tokens_per_batch or crop with --max_length"
                 )
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self._cache: tuple[tuple[int, int], list[list[int]]] | None = None
+        self._resume: tuple[int, int, int] | None = None
 
     @property
     def epoch(self) -> int:
@@ -91,6 +97,11 @@ class LengthBucketBatchSampler(Sampler[list]):
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
+
+    def resume_epoch(self, epoch: int, offset: int, group_size: int) -> None:
+        """Continue ``epoch`` after its first ``offset`` batches, planned with the ``group_size`` the epoch began
+        with: a run resumed on another number of ranks sees every remaining example of the epoch once."""
+        self._resume = (int(epoch), int(offset), int(group_size))
 
     def _cut(self, order) -> list[list[int]]:
         batches, current, longest = [], [], 0
@@ -107,11 +118,14 @@ class LengthBucketBatchSampler(Sampler[list]):
             batches.append(current)
         return batches
 
-    def batches(self) -> list[list[int]]:
-        """This epoch's batches (computed once per epoch)."""
-        if self._cache is not None and self._cache[0] == self.epoch:
+    def plan(self, epoch: int | None = None, group_size: int | None = None) -> list[list[int]]:
+        """All of an epoch's batches in order, before any resume offset or padding (computed once)."""
+        epoch = self.epoch if epoch is None else epoch
+        group_size = group_size or self.group_size
+        key = (epoch, group_size)
+        if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        order = np.fromiter(iter(self.sampler), dtype=np.int64, count=len(self.lengths))
+        order = self.sampler.order(epoch)
         if not self.shuffle:
             batches = self._cut(order[np.argsort(-self.lengths[order], kind="stable")])
             if self.num_replicas > 1 and len(batches) % self.num_replicas:
@@ -123,10 +137,21 @@ class LengthBucketBatchSampler(Sampler[list]):
             for start in range(0, len(order), bucket):
                 chunk = order[start:start + bucket]
                 batches += self._cut(chunk[np.argsort(-self.lengths[chunk], kind="stable")])
-            groups = [batches[i:i + self.group_size] for i in range(0, len(batches), self.group_size)]
-            rng = np.random.default_rng((self.seed, self.epoch, 1))
+            groups = [batches[i:i + group_size] for i in range(0, len(batches), group_size)]
+            rng = np.random.default_rng((self.seed, epoch, 1))
             batches = [batch for i in rng.permutation(len(groups)) for batch in groups[i]]
-        self._cache = (self.epoch, batches)
+        self._cache = (key, batches)
+        return batches
+
+    def batches(self) -> list[list[int]]:
+        """What this epoch yields: its plan from the resume offset, padded to a multiple of the ranks."""
+        epoch, offset, group_size = self._resume if self._resume and self._resume[0] == self.epoch \
+            else (self.epoch, 0, self.group_size)
+        plan = self.plan(epoch, group_size)
+        batches = plan[offset:]
+        if self.shuffle and self.num_replicas > 1 and batches:
+            while len(batches) % self.num_replicas:
+                batches = batches + plan[:self.num_replicas - len(batches) % self.num_replicas]
         return batches
 
     def __iter__(self):

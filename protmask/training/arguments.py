@@ -58,6 +58,11 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cluster_file", default=None,
                        help="TSV of chain (1abc_A) → cluster id, or ProteinMPNN's list.csv; whole clusters go to "
                             "one split. Without it, identical chain sequences stay together")
+    group.add_argument("--max_file_mb", type=positive_int, default=512,
+                       help="refuse (and report) structure files larger than this many MB once inflated; parsing "
+                            "holds several times a file's size in memory")
+    group.add_argument("--rebuild_dataset", action="store_true",
+                       help="build the dataset again even when a cached build matches (e.g. after damage)")
     group.add_argument("--seed", type=int, default=0, help="seed for splits, masking, shuffling and initialisation")
 
 
@@ -72,6 +77,7 @@ def build_options(args):
         test_fraction=args.test_fraction,
         cluster_file=args.cluster_file,
         seed=args.seed,
+        max_file_mb=args.max_file_mb,
     )
 
 
@@ -169,14 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save_total_limit", type=positive_int, default=None,
                        help="keep only the newest N resumable checkpoints")
     train.add_argument("--resume_from_checkpoint", default=None,
-                       help="a checkpoint folder, or 'latest' for the newest complete one in --save_dir")
+                       help="a checkpoint folder, or 'latest' for the newest complete one of this run in --save_dir; "
+                            "the flags that define the run must match the checkpoint's")
+    train.add_argument("--allow_world_size_change", action="store_true",
+                       help="resume on another number of processes: the data position and LR schedule carry over, "
+                            "per-rank random states are seeded afresh")
+    train.add_argument("--overwrite_save_dir", action="store_true",
+                       help="remove the checkpoints, models and metrics of a run already in --save_dir and start anew")
     train.add_argument("--save_dir", default="checkpoints", help="where checkpoints, final/ and best/ go")
     train.add_argument("--report_to", type=report_to, default=[],
                        help="trackers: tensorboard, wandb, all or none (metrics.jsonl is always written)")
     train.add_argument("--max_nonfinite_steps", type=positive_int, default=20,
                        help="stop after this many consecutive steps with a non-finite loss")
-    train.add_argument("--process_group_timeout", type=positive_int, default=7200,
-                       help="seconds ranks wait for each other (the dataset build happens inside this wait)")
+    train.add_argument("--process_group_timeout", type=positive_int, default=600,
+                       help="seconds a rank waits for the others in a training collective: a stalled or dead rank "
+                            "ends the job after this long")
+    train.add_argument("--dataset_build_timeout", type=positive_int, default=86400,
+                       help="seconds the other ranks wait for the main process to build the dataset")
     train.add_argument("--torch_threads", type=positive_int, default=None,
                        help="CPU threads per process (default: cores ÷ processes on this machine)")
 

@@ -1,5 +1,6 @@
 """The Accelerate training loop: build the accelerator, the data and the model, `prepare` them, train,
-validate, checkpoint, resume and log. One function, `train`, reads top to bottom."""
+validate, checkpoint, resume and log. One function, `train`, reads top to bottom; checks, checkpoints and
+reporting live in their own modules beside this one."""
 
 from __future__ import annotations
 
@@ -8,8 +9,6 @@ import datetime
 import json
 import math
 import os
-import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,174 +17,12 @@ import numpy as np
 import torch
 
 from ..runtime import tune_cpu_allocator
+from .checkpointing import (TRAINER_STATE, claim_save_dir, list_checkpoints, run_definition,  # noqa: F401 (API)
+                            save_checkpoint, save_model, write_json_atomically)
+from .checks import check_arguments, check_launch, legacy_flags
+from .errors import TrainingError
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch, exit_process
-
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-TRAINER_STATE = "trainer_state.json"
-
-
-class TrainingError(RuntimeError):
-    """A problem with the flags, the data or the run, explained for the user."""
-
-
-# ----------------------------------------------------------------------------------------- checks up front
-
-def check_arguments(args) -> None:
-    """Every check that needs no data: a bad flag or combination fails here, before any work."""
-    problems = []
-    float_rules = [  # every float flag: finite and in range (NaN passes any comparison, so test it first)
-        ("--learning_rate", args.learning_rate, lambda v: v > 0, "positive"),
-        ("--weight_decay", args.weight_decay, lambda v: v >= 0, "zero or more"),
-        ("--max_grad_norm", args.max_grad_norm, lambda v: v >= 0, "zero or more (0: no clipping)"),
-        ("--backbone_noise", args.backbone_noise, lambda v: v >= 0, "zero or more (Å)"),
-        ("--dropout", args.dropout, lambda v: 0 <= v < 1, "in [0, 1)"),
-        ("--label_smoothing", args.label_smoothing, lambda v: 0 <= v < 1, "in [0, 1)"),
-        ("--max_resolution", args.max_resolution, lambda v: v > 0, "positive (Å)"),
-    ]
-    for flag, value, rule, wanted in float_rules:
-        if value is not None and not (math.isfinite(value) and rule(value)):
-            problems.append(f"{flag} must be a finite number, {wanted}; got {value}")
-    if not 0.0 < args.mask_ratio <= 1.0:
-        problems.append(f"--mask_ratio must be in (0, 1], got {args.mask_ratio}")
-    if args.mask_ratio_max is not None and args.mask_ratio_max < args.mask_ratio:
-        problems.append(f"--mask_ratio_max ({args.mask_ratio_max}) must be at least --mask_ratio ({args.mask_ratio})")
-    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        problems.append("--mixed_precision fp16 needs a CUDA GPU; on CPU use bf16 or no")
-    if args.push_to_hub and not args.hub_model_id:
-        problems.append("--push_to_hub needs --hub_model_id (e.g. your-name/protmask-small)")
-    if "wandb" in args.report_to:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            problems.append("--report_to wandb needs the wandb package: pip install wandb")
-    if "tensorboard" in args.report_to:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            problems.append("--report_to tensorboard needs TensorBoard: pip install 'protmask[tensorboard]'")
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
-        if not Path(args.resume_from_checkpoint, TRAINER_STATE).is_file():
-            problems.append(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a complete protmask "
-                            "checkpoint (no trainer_state.json); give a checkpoint-N folder or 'latest'")
-    if args.model_name_or_path and not Path(args.model_name_or_path, "config.json").is_file():
-        problems.append(f"--model_name_or_path {args.model_name_or_path} is not a saved model folder (no config.json)")
-    if problems:
-        raise TrainingError("\n".join(problems))
-
-
-def legacy_flags(args, say) -> None:
-    if args.ddp:
-        say("--ddp is no longer needed: the launcher decides. Use `accelerate launch --num_processes N "
-            "train_accelerate.py ...` or `torchrun --nproc_per_node N train_accelerate.py ...`.")
-    if args.master_port is not None:
-        say(f"--master_port is no longer read: use `accelerate launch --main_process_port {args.master_port}` "
-            f"or `MASTER_PORT={args.master_port} torchrun ...`.")
-
-
-# ------------------------------------------------------------------------------------------- checkpoints
-
-def list_checkpoints(save_dir) -> list[Path]:
-    """Complete checkpoints, oldest first. A folder without trainer_state.json (a save that was killed) is
-    never listed: the state file is written last and the folder is renamed into place after it."""
-    save_dir = Path(save_dir)
-    if not save_dir.is_dir():
-        return []
-    found = []
-    for path in save_dir.iterdir():
-        match = CHECKPOINT_PATTERN.match(path.name)
-        if match and (path / TRAINER_STATE).is_file():
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
-
-
-def checkpoint_damage(path: Path) -> str | None:
-    """What makes a checkpoint unusable (a file truncated, unreadable or missing), or None when it loads."""
-    from safetensors import safe_open
-
-    try:
-        json.loads((path / TRAINER_STATE).read_text())
-        weights = sorted(path.glob("*.safetensors")) or [path / "model.safetensors"]
-        for file in weights:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    handle.get_tensor(key)
-        for file in sorted(path.glob("*.bin")):
-            torch.load(str(file), map_location="cpu", weights_only=True)
-        for file in sorted(path.glob("random_states_*.pkl")):
-            # Our own file, written by accelerate.save_state: numpy and Python RNG states need full unpickling.
-            torch.load(str(file), map_location="cpu", weights_only=False)
-    except Exception as error:  # any failure means the same for a resume: this checkpoint cannot restore the run
-        return f"{type(error).__name__}: {error}".splitlines()[0][:300]
-    return None
-
-
-def resolve_resume(args, say=print) -> Path | None:
-    """The checkpoint to resume from. ``latest`` takes the newest one that loads, saying which it skipped and
-    why; a named checkpoint that does not load is an error (resuming from a damaged state is never exact)."""
-    if not args.resume_from_checkpoint:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        for checkpoint in reversed(list_checkpoints(args.save_dir)):
-            damage = checkpoint_damage(checkpoint)
-            if damage is None:
-                return checkpoint
-            say(f"--resume_from_checkpoint latest: skipping {checkpoint.name}, it does not load ({damage})")
-        return None
-    path = Path(args.resume_from_checkpoint)
-    damage = checkpoint_damage(path)
-    if damage is not None:
-        raise TrainingError(f"--resume_from_checkpoint {path} does not load ({damage}); resume from an earlier "
-                            f"checkpoint-N in {path.parent}, or 'latest' to take the newest one that loads")
-    return path
-
-
-def save_checkpoint(accelerator, args, state: dict) -> Path:
-    """All ranks write into a temporary folder; the main process adds trainer_state.json and renames it."""
-    save_dir = Path(args.save_dir)
-    final = save_dir / f"checkpoint-{state['global_step']:08d}"
-    staging = save_dir / f"{final.name}.tmp"
-    if accelerator.is_main_process:
-        for stale in save_dir.glob("checkpoint-*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json_atomically(staging / TRAINER_STATE, state)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        if args.save_total_limit:
-            for old in list_checkpoints(save_dir)[: -args.save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def write_json_atomically(path: Path, data) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as handle:
-        json.dump(data, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-def save_model(accelerator, model, tokenizer, folder: Path, card: str, extra_files=()) -> None:
-    """A `save_pretrained` folder (hub format) with tokenizer and model card, swapped into place whole."""
-    if not accelerator.is_main_process:
-        return
-    staging = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "README.md").write_text(card)
-    for extra in extra_files:
-        shutil.copy(extra, staging / Path(extra).name)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(staging, folder)
+from .reporting import RunLog, describe_run, model_card
 
 
 # -------------------------------------------------------------------------------------------------- setup
@@ -202,7 +39,8 @@ def build_accelerator(args):
         log_with=args.report_to or None,
         project_dir=args.save_dir,
         dataloader_config=DataLoaderConfiguration(even_batches=True),
-        # The main process builds the dataset while the others wait: give that wait room.
+        # Training collectives: a stalled rank ends the job after this many seconds (the dataset build waits
+        # in a group of its own, see load_data).
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.process_group_timeout)),
                          # Without decoder layers the residue embedding is unused; DDP must be told.
                          DistributedDataParallelKwargs(find_unused_parameters=args.num_decoder_layers == 0)],
@@ -225,17 +63,61 @@ def set_cpu_threads(accelerator, args) -> int:
 
 
 def load_data(accelerator, args, say):
+    """The main process parses (or finds the cache) while the others wait in a group of their own whose timeout
+    is --dataset_build_timeout, so that training collectives can keep a short --process_group_timeout."""
     from ..data.build import DatasetBuildError, build_dataset
     from .arguments import build_options
 
-    # The main process parses (or finds the cache); the others wait, then read the finished build.
-    with accelerator.main_process_first():
+    def build(force):
+        return build_dataset(args.pdb_path, args.cache_dir, build_options(args), num_proc=args.num_proc, force=force,
+                             log=say if accelerator.is_main_process else (lambda *a: None))
+
+    outcome = [None]
+    if accelerator.is_main_process:
         try:
-            result = build_dataset(args.pdb_path, args.cache_dir, build_options(args), num_proc=args.num_proc,
-                                   log=say if accelerator.is_main_process else (lambda *a: None))
+            result = build(force=args.rebuild_dataset)
+            outcome[0] = "ok"
+        except DatasetBuildError as error:
+            outcome[0] = str(error)
+    if accelerator.num_processes > 1:
+        torch.distributed.broadcast_object_list(outcome, src=0, group=long_wait_group(args))
+    if outcome[0] != "ok":
+        raise TrainingError(outcome[0])
+    if not accelerator.is_main_process:
+        try:
+            result = build(force=False)  # the main process's build (or this machine's own copy of it)
         except DatasetBuildError as error:
             raise TrainingError(str(error)) from None
     return result
+
+
+_LONG_WAIT_GROUP = None
+
+
+def long_wait_group(args):
+    """A gloo group for waits that may rightly take hours (a first dataset build), created once on every rank."""
+    global _LONG_WAIT_GROUP
+    if _LONG_WAIT_GROUP is None:
+        _LONG_WAIT_GROUP = torch.distributed.new_group(
+            backend="gloo", timeout=datetime.timedelta(seconds=args.dataset_build_timeout))
+    return _LONG_WAIT_GROUP
+
+
+def agreed(accelerator, decide):
+    """Run ``decide`` on the main process and give every rank its result, or raise its TrainingError on every
+    rank (a rank that stopped alone would leave the others waiting in their next collective)."""
+    outcome = [None]
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = ("ok", decide())
+        except TrainingError as error:
+            outcome[0] = ("error", str(error))
+    if accelerator.num_processes > 1:
+        torch.distributed.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise TrainingError(value)
+    return value
 
 
 def make_loaders(accelerator, args, dataset, tokenizer):
@@ -263,7 +145,7 @@ def make_loaders(accelerator, args, dataset, tokenizer):
     validation_processor = ProtMaskProcessor(tokenizer, mask_ratio=args.mask_ratio, max_length=args.max_length,
                                              objective=args.objective)
     train_sampler = LengthBucketBatchSampler(
-        train_lengths, shuffle=True, seed=args.seed,
+        train_lengths, shuffle=True, seed=args.seed, num_replicas=accelerator.num_processes,
         group_size=accelerator.num_processes * args.gradient_accumulation_steps, **budget)
     validation_lengths = np.minimum(validation_set.lengths, cap) if len(validation_set) else []
     validation_budget = dict(budget)
@@ -315,61 +197,54 @@ def build_optimizer(model, args, learning_rate):
     return torch.optim.AdamW(groups, lr=learning_rate)
 
 
+# --------------------------------------------------------------------------------------------- schedule
+
 def effective_learning_rate(args, num_processes: int) -> float:
     factor = {"none": 1.0, "linear": float(num_processes), "sqrt": math.sqrt(num_processes)}[args.lr_scaling]
     return args.learning_rate * factor
 
 
-# ----------------------------------------------------------------------------------------------- logging
-
-class RunLog:
-    """metrics.jsonl, trackers and the console, on the main process only."""
-
-    def __init__(self, accelerator, save_dir: Path):
-        self.accelerator = accelerator
-        self.path = save_dir / "metrics.jsonl"
-
-    def forget_after(self, step: int) -> None:
-        """A resumed run replays the steps after its checkpoint: drop their records, so none appears twice."""
-        if not self.accelerator.is_main_process or not self.path.is_file():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text("".join(line + "\n" for line in kept))
-        os.replace(temporary, self.path)
-
-    def write(self, record: dict) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        numbers = {f"{record['split']}/{k}": v for k, v in record.items()
-                   if isinstance(v, (int, float)) and k not in ("step", "split")}
-        if self.accelerator.trackers:
-            self.accelerator.log(numbers, step=record["step"])
+def plan_steps(args, train_sampler, state: dict, num_processes: int) -> tuple[int, int]:
+    """(steps per epoch, steps in all), in optimizer steps. A run continued on another number of processes
+    counts its remaining steps at the new number, so the schedule ends where the data does."""
+    per_step = num_processes * args.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(len(train_sampler.plan(0, per_step)) / per_step)
+    if args.max_train_steps:
+        return steps_per_epoch, args.max_train_steps
+    if state["global_step"] == 0 or state.get("world_size", num_processes) == num_processes:
+        return steps_per_epoch, args.epochs * steps_per_epoch
+    remaining = len(train_sampler.plan(state["epoch"], state["epoch_group_size"])) - state["epoch_offset"]
+    return steps_per_epoch, (state["global_step"] + math.ceil(max(remaining, 0) / per_step)
+                             + max(args.epochs - state["epoch"] - 1, 0) * steps_per_epoch)
 
 
-def model_card(args, accelerator, metrics: dict, kind: str, with_plot: bool = False) -> str:
-    config = {k: v for k, v in vars(args).items() if k not in ("ddp", "master_port")}
-    lines = [
-        "---", "library_name: transformers", "tags:", "- protmask", "- protein", "- inverse-folding", "---", "",
-        f"# protmask model ({kind})", "",
-        "A structure-conditioned masked protein language model (`ProtMaskForMaskedLM`). Load it with:", "",
-        "```python", "import protmask  # registers the model with the Auto classes",
-        "from transformers import AutoModelForMaskedLM, AutoTokenizer",
-        "model = AutoModelForMaskedLM.from_pretrained(PATH)", "tokenizer = AutoTokenizer.from_pretrained(PATH)", "```", "",
-        f"Trained on {accelerator.num_processes} process(es), device {accelerator.device.type}, "
-        f"mixed precision {accelerator.mixed_precision}.", "",
-        "## Metrics", "", "| metric | value |", "|---|---|",
-    ]
-    lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
-    if with_plot:
-        lines += ["", "## Training curves", "", "![training curves](training_curves.png)", "",
-                  "Redraw them from the run's metrics.jsonl with `protmask plot --run SAVE_DIR`."]
-    lines += ["",
-              "## Training configuration", "", "```json", json.dumps(config, indent=1, default=str), "```", ""]
-    return "\n".join(lines)
+def carry_schedule_over(scheduler, optimizer, global_step: int, num_processes: int, learning_rate: float) -> None:
+    """After loading a checkpoint written by another number of processes: the scheduler counted steps × the old
+    number (Accelerate steps it once per process) from the old scaled rate. Put it at this run's position and
+    rate. transformers' schedulers are all LambdaLR."""
+    inner = scheduler.scheduler
+    inner.base_lrs = [learning_rate for _ in inner.base_lrs]
+    inner.last_epoch = global_step * num_processes
+    rates = [base * rule(inner.last_epoch) for base, rule in zip(inner.base_lrs, inner.lr_lambdas)]
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["initial_lr"], group["lr"] = learning_rate, rate
+    inner._last_lr = rates
+
+
+def initial_state(resume_path, run: dict, num_processes: int, group_size: int) -> dict:
+    """The trainer state a run starts from: fresh, or the checkpoint's (older checkpoints counted batches per
+    rank; the offset into the epoch is now counted in the epoch's global batches)."""
+    state = {"global_step": 0, "epoch": 0, "epoch_offset": 0, "epoch_group_size": group_size,
+             "best_validation_loss": None, "skipped_nonfinite_steps": 0}
+    if resume_path is not None:
+        saved = json.loads((resume_path / TRAINER_STATE).read_text())
+        if "epoch_offset" not in saved:
+            saved["epoch_offset"] = saved.pop("batches_in_epoch", 0) * num_processes
+            saved["epoch_group_size"] = group_size
+        state.update(saved)
+    state.update(run_id=run["run_id"], definition=run["definition"])
+    state.setdefault("world_size", num_processes)
+    return state
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -415,7 +290,9 @@ def train(args) -> dict:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
+    from ..data.build import DatasetBuildError, dataset_fingerprint
     from ..models import ProtMaskTokenizer, masked_lm_loss
+    from .arguments import build_options
 
     tune_cpu_allocator()
     transformers.utils.logging.disable_progress_bar()  # one progress bar: ours
@@ -425,14 +302,25 @@ def train(args) -> dict:
     accelerator = build_accelerator(args)
     say = accelerator.print
     legacy_flags(args, say)
+    check_launch(accelerator.num_processes)
     threads = set_cpu_threads(accelerator, args)
     set_seed(args.seed)
     save_dir = Path(args.save_dir)
-    if accelerator.is_main_process:
-        save_dir.mkdir(parents=True, exist_ok=True)
-    resume_path = resolve_resume(args, say)
+
+    # What defines this run, checked against --save_dir and the checkpoint before any long work.
+    tokenizer = (ProtMaskTokenizer.from_pretrained(args.model_name_or_path) if args.model_name_or_path
+                 else ProtMaskTokenizer())
+    model = build_model(args, tokenizer)
+    try:
+        fingerprint = dataset_fingerprint(args.pdb_path, build_options(args))
+    except DatasetBuildError as error:
+        raise TrainingError(str(error)) from None
+    definition = run_definition(args, accelerator.num_processes, fingerprint, model.config)
+    resume_path, run = agreed(accelerator, lambda: claim_save_dir(args, definition, say))
     if args.resume_from_checkpoint == "latest" and resume_path is None:
-        say(f"--resume_from_checkpoint latest: no complete checkpoint in {save_dir} yet; starting from scratch.")
+        say(f"--resume_from_checkpoint latest: no complete checkpoint of this run in {save_dir} yet; starting from scratch.")
+    if accelerator.is_main_process:
+        write_json_atomically(save_dir / "run.json", run)
 
     hub = None
     if args.push_to_hub and accelerator.is_main_process:
@@ -440,21 +328,19 @@ def train(args) -> dict:
 
         hub = HubTarget.check(args.hub_model_id, say)  # says at START when the hub cannot be reached
 
-    # Data.
+    # Data, and where in it this run starts.
     built = load_data(accelerator, args, say)
-    tokenizer = (ProtMaskTokenizer.from_pretrained(args.model_name_or_path) if args.model_name_or_path
-                 else ProtMaskTokenizer())
     train_loader, validation_loader, train_sampler = make_loaders(accelerator, args, built.dataset, tokenizer)
+    group_size = accelerator.num_processes * args.gradient_accumulation_steps
+    state = initial_state(resume_path, run, accelerator.num_processes, group_size)
+    if state["epoch_offset"] >= len(train_sampler.plan(state["epoch"], state["epoch_group_size"])):
+        state.update(epoch=state["epoch"] + 1, epoch_offset=0, epoch_group_size=group_size)
 
-    # Model, optimizer, schedule. Accelerate's prepared scheduler steps once per process per optimizer step,
-    # so warm-up and total are given in those units to get the curve asked for in optimizer steps.
-    model = build_model(args, tokenizer)
+    # Optimizer and schedule. Accelerate's prepared scheduler steps once per process per optimizer step, so
+    # warm-up and total are given in those units to get the curve asked for in optimizer steps.
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
     optimizer = build_optimizer(model, args, learning_rate)
-    batches_per_rank = math.ceil(len(train_sampler) / accelerator.num_processes)
-    steps_per_epoch = math.ceil(batches_per_rank / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.epochs * steps_per_epoch
-    epochs = math.ceil(max_train_steps / steps_per_epoch)
+    steps_per_epoch, max_train_steps = plan_steps(args, train_sampler, state, accelerator.num_processes)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
                               num_warmup_steps=args.warmup_steps * accelerator.num_processes,
                               num_training_steps=max_train_steps * accelerator.num_processes)
@@ -464,36 +350,20 @@ def train(args) -> dict:
     if args.report_to:
         tracker_config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
         accelerator.init_trackers("protmask", config=tracker_config)  # TensorBoard: <save_dir>/protmask
-    per_device = (f"up to {args.max_tokens_per_batch} padded residues" if args.max_tokens_per_batch
-                  else f"{args.batch_size} examples")
-    global_batch = (f"{args.max_tokens_per_batch * accelerator.num_processes * args.gradient_accumulation_steps} padded residues"
-                    if args.max_tokens_per_batch else
-                    f"{args.batch_size * accelerator.num_processes * args.gradient_accumulation_steps} examples")
-    say("\n".join([
-        f"world size: {accelerator.num_processes} process(es) on "
-        f"{accelerator.num_processes // int(os.environ.get('LOCAL_WORLD_SIZE', accelerator.num_processes))} machine(s); "
-        f"device: {accelerator.device}; mixed precision: {accelerator.mixed_precision}; CPU threads per process: {threads}",
-        f"batch per device: {per_device}; global batch: {global_batch} "
-        f"(× {accelerator.num_processes} processes × {args.gradient_accumulation_steps} accumulation)",
-        f"learning rate: {args.learning_rate:g} × {learning_rate / args.learning_rate:g} ({args.lr_scaling} scaling over "
-        f"{accelerator.num_processes} processes) = {learning_rate:g}; schedule {args.lr_scheduler_type}, "
-        f"{args.warmup_steps} warm-up steps",
-        f"data: {len(built.dataset['train'])} training / {len(built.dataset['validation'])} validation examples from "
-        f"{built.path}; {steps_per_epoch} steps per epoch, {max_train_steps} steps in all ({epochs} epochs)",
-        f"model: {sum(p.numel() for p in model.parameters()):,} parameters; saving to {save_dir}",
-    ]))
+    say(describe_run(accelerator, args, built, threads, learning_rate, steps_per_epoch, max_train_steps, model))
 
-    # Resume.
-    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "best_validation_loss": None,
-             "skipped_nonfinite_steps": 0}
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
-        state.update(json.loads((resume_path / TRAINER_STATE).read_text()))
-        train_sampler.set_epoch(state["epoch"])  # batch counts vary a little between epochs
-        if state["batches_in_epoch"] >= math.ceil(len(train_sampler) / accelerator.num_processes):
-            state["epoch"], state["batches_in_epoch"] = state["epoch"] + 1, 0
+        if state["world_size"] != accelerator.num_processes:
+            carry_schedule_over(scheduler, optimizer, state["global_step"], accelerator.num_processes, learning_rate)
+            # Per-rank random states cannot be mapped onto another number of ranks: seed them afresh.
+            set_seed(args.seed + state["global_step"], device_specific=True)
+            say(f"--allow_world_size_change: continuing a {state['world_size']}-process run on "
+                f"{accelerator.num_processes}; learning rate now {scheduler.get_last_lr()[0]:.3g}, random state "
+                "re-seeded (the result will differ from a run that kept its processes)")
+        state["world_size"] = accelerator.num_processes
         say(f"resumed from {resume_path}: step {state['global_step']}, epoch {state['epoch']}, "
-            f"batch {state['batches_in_epoch']} of that epoch")
+            f"batch {state['epoch_offset']} of that epoch")
     accelerator.wait_for_everyone()
 
     log = RunLog(accelerator, save_dir)
@@ -528,18 +398,14 @@ def train(args) -> dict:
         return metrics
 
     finished = state["global_step"] >= max_train_steps
-    for epoch in range(state["epoch"], epochs):
-        if finished:
-            break
+    epoch = state["epoch"]
+    while not finished and (args.max_train_steps or epoch < args.epochs):
         state["epoch"] = epoch
+        if state["epoch_offset"] == 0:
+            state["epoch_group_size"] = group_size
+        train_sampler.resume_epoch(epoch, state["epoch_offset"], state["epoch_group_size"])
         train_loader.set_epoch(epoch)
-        loader = train_loader
-        if state["batches_in_epoch"]:
-            from accelerate import skip_first_batches
-
-            loader = skip_first_batches(train_loader, state["batches_in_epoch"])
-            loader.set_epoch(epoch)
-        iterator = iter(loader)
+        iterator = iter(train_loader)
         exhausted = False
         while not exhausted and not finished:
             step_started = time.perf_counter()
@@ -592,7 +458,7 @@ def train(args) -> dict:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             state["global_step"] += 1
-            state["batches_in_epoch"] += len(group)
+            state["epoch_offset"] += len(group) * accelerator.num_processes
             progress.update(1)
 
             seconds = time.perf_counter() - step_started
@@ -635,10 +501,11 @@ def train(args) -> dict:
                     and not finished:
                 save_checkpoint(accelerator, args, dict(state))
         if exhausted:  # a whole epoch: validate, and checkpoint when asked per epoch
-            state["epoch"], state["batches_in_epoch"] = epoch + 1, 0
+            state["epoch"], state["epoch_offset"] = epoch + 1, 0
             validate(epoch)
             if args.checkpointing_steps == "epoch" and not finished:
                 save_checkpoint(accelerator, args, dict(state))
+        epoch += 1
     progress.close()
 
     # The end: a resumable checkpoint (a later run may continue with a larger --max_train_steps), the model.
@@ -660,13 +527,13 @@ def train(args) -> dict:
                model_card(args, accelerator, final_metrics, "final", with_plot=bool(plots)), plots)
     if accelerator.is_main_process:
         write_json_atomically(save_dir / "final_metrics.json", final_metrics)
-        if hub is not None:
-            hub.push(save_dir / "final", say)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     say(f"done: {state['global_step']} steps; model in {save_dir / 'final'}"
         + (f", best validation loss {state['best_validation_loss']:.4f} in {save_dir / 'best'}"
            if state["best_validation_loss"] is not None else ""))
+    if hub is not None:  # after the last collective: an upload may take longer than --process_group_timeout
+        hub.push(save_dir / "final", say)
     if accelerator.num_processes > 1:
         # Everything is saved and every rank passed the last barrier. Tearing down DDP and gloo objects when
         # this frame unwinds has deadlocked a rank now and then (a native mutex, seen once in ~30 2-rank runs),
@@ -687,4 +554,11 @@ def main(argv=None) -> int:
         return 2
     except Preempted:
         return PREEMPTED_EXIT_CODE
+    except torch.distributed.DistError as error:
+        if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+            raise
+        print(f"train_accelerate.py: error: another process stopped answering for --process_group_timeout "
+              f"{args.process_group_timeout} s ({str(error).splitlines()[0][:200]}); the job stops. See "
+              "'A rank hangs' in the README's troubleshooting.", file=sys.stderr)
+        return 1
     return 0
