@@ -56,3 +56,20 @@ def pdb_atom_line(serial, name, resname, chain, resseq, xyz, occupancy=1.0, altl
         f"{record:<6s}{serial:5d} {atom_field}{altloc}{resname:>3s} {chain}{resseq:4d}{icode}   "
         f"{xyz[0]:8.3f}{xyz[1]:8.3f}{xyz[2]:8.3f}{occupancy:6.2f}{20.0:6.2f}          {element:>2s}"
     )
+
+
+@pytest.fixture(scope="session")
+def cache(sample_build):
+    """Training runs reuse the session's sample build (same inputs and options → same cache)."""
+    return str(sample_build.path.parent)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(cache, tmp_path_factory):
+    """7 steps on one process, checkpoints every 2: what resumed and interrupted runs must end equal to."""
+    from runner import TINY, launch
+
+    save_dir = tmp_path_factory.mktemp("uninterrupted")
+    launch(TINY + ["--cache_dir", cache, "--max_tokens_per_batch", "1024", "--checkpointing_steps", "2",
+                   "--max_train_steps", "7", "--save_dir", save_dir])
+    return save_dir

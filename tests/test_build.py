@@ -140,3 +140,60 @@ def test_command_line(sample_dir, tmp_path):
     assert (tmp_path / done.stdout.strip().splitlines()[-1].split("/")[-1] / REPORT_NAME).is_file()
     missing = subprocess.run(command[:-1] + [str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_symlinked_folders_are_followed_and_unfollowable_paths_reported(sample_dir, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("1a8q.pdb.gz", "1aki.cif.gz", "1p3c.pdb.gz"):
+        shutil.copy(sample_dir / name, elsewhere / name)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("2fr2.pdb.gz", "3fh2.pdb.gz"):
+        shutil.copy(sample_dir / name, data / name)
+    (data / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "loop").symlink_to(data, target_is_directory=True)  # back up: a loop
+    (data / "gone.pdb").symlink_to(tmp_path / "deleted.pdb")  # dangling
+    options = BuildOptions(validation_fraction=0, test_fraction=0)
+    result = build_dataset(data, tmp_path / "cache", options, num_proc=1, **quiet)
+    assert result.report["files_seen"] == 5
+    assert sorted(result.dataset["train"]["name"]) == ["2fr2", "3fh2", "linked/1a8q", "linked/1aki", "linked/1p3c"]
+    skipped = {item["path"]: item["reason"] for item in result.report["paths_skipped"]}
+    assert skipped[str(data / "gone.pdb")].startswith("dangling symbolic link")
+    assert "symbolic link loop" in skipped[str(data / "linked" / "loop")]
+    assert len(skipped) == 2
+
+
+def test_a_damaged_cache_is_detected_and_rebuilt(sample_dir, tmp_path):
+    data = tmp_path / "pdb"
+    data.mkdir()
+    for name in ("1a8q.pdb.gz", "1aki.cif.gz", "1p3c.pdb.gz", "2fr2.pdb.gz", "3fh2.pdb.gz"):
+        shutil.copy(sample_dir / name, data / name)
+    cache = tmp_path / "cache"
+    first = build_dataset(data, cache, num_proc=1, **quiet)
+    arrow = next((first.path / "train").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])  # truncated
+    said = []
+    again = build_dataset(data, cache, num_proc=1, log=said.append)
+    assert not again.reused and again.path == first.path
+    assert any("is damaged" in line and arrow.name in line for line in said)
+    assert len(again.dataset["train"]) == len(first.dataset["train"])
+
+    arrow.unlink()  # a built dataset handed over directly cannot be rebuilt here: the error says how
+    with pytest.raises(DatasetBuildError, match=f"{arrow.name} is missing.*--rebuild_dataset"):
+        build_dataset(again.path, tmp_path / "elsewhere", **quiet)
+
+
+def test_files_over_the_size_limit_are_refused_and_reported(sample_dir, tmp_path):
+    import gzip
+
+    data = tmp_path / "pdb"
+    data.mkdir()
+    shutil.copy(sample_dir / "1a8q.pdb.gz", data / "1a8q.pdb.gz")
+    with gzip.open(data / "huge.pdb.gz", "wb") as handle:
+        handle.write(b"REMARK 999\n" * 300_000)  # 3.3 MB inflated
+    result = build_dataset(data, tmp_path / "cache", BuildOptions(max_file_mb=2, validation_fraction=0,
+                                                                  test_fraction=0), num_proc=1, **quiet)
+    (failed,) = result.report["files_failed"]
+    assert failed["file"].endswith("huge.pdb.gz") and "--max_file_mb" in failed["error"]
+    assert result.report["files_parsed"] == 1

@@ -1,6 +1,8 @@
 """parse_structure on real files: the edge cases, the sample against its manifest, and each rule."""
 
 import gzip
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -204,3 +206,28 @@ def test_unsupported_and_missing_files(tmp_path):
     bad.write_bytes(b"not gzip at all")
     with pytest.raises(StructureError, match="cannot read"):
         parse_structure(bad)
+
+
+BOMB_MEMORY = """
+import resource, sys
+from protmask.structure import StructureError, parse_structure
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    parse_structure(sys.argv[1], max_bytes=100 << 20)
+except StructureError as error:
+    print(error.reason)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_a_refused_bomb_is_never_held_in_memory(tmp_path):
+    # 400 MB of text in a 400 kB gzip, over a 100 MB limit: refused while counting, holding 1 MiB at a time.
+    path = tmp_path / "bomb.pdb.gz"
+    with gzip.open(path, "wb", compresslevel=1) as handle:
+        line = b"ATOM  " + b" " * 74 + b"\n"
+        for _ in range(400):
+            handle.write(line * 13_000)
+    done = subprocess.run([sys.executable, "-c", BOMB_MEMORY, str(path)], capture_output=True, text=True, timeout=120)
+    reason, grown_mb = done.stdout.strip().splitlines()
+    assert "inflates past 100 MB" in reason and "without reading it into memory" in reason
+    assert int(grown_mb) < 20

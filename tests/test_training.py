@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,53 +14,8 @@ from safetensors.torch import load_file
 
 from protmask.training.arguments import build_parser
 from protmask.training.loop import effective_learning_rate, list_checkpoints
-
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = str(ROOT / "train_accelerate.py")
-BIN = Path(sys.executable).parent
-TINY = ["--hidden_dim", "32", "--num_encoder_layers", "1", "--num_decoder_layers", "1", "--num_neighbors", "16",
-        "--max_length", "128", "--num_workers", "0", "--logging_steps", "1"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory, sample_build):
-    """Training runs reuse the session's sample build (same inputs and options → same cache)."""
-    return str(sample_build.path.parent)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(args, launcher=None, env=None, timeout=240, check=True):
-    """Run the script as a user would: plain python, accelerate launch or torchrun."""
-    prefix = {
-        None: [sys.executable, SCRIPT],
-        "accelerate": [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
-                       "--main_process_port", str(free_port()), SCRIPT],
-        "torchrun": [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), SCRIPT],
-    }[launcher]
-    environment = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    done = subprocess.run(prefix + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                          env=environment, cwd=ROOT)
-    if check:
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return done
-
-
-def records(save_dir, split):
-    lines = (Path(save_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
-
-
-def weights(save_dir, folder="final"):
-    return load_file(str(Path(save_dir) / folder / "model.safetensors"))
-
-
-def max_difference(a, b):
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
+from runner import (BIN, RESUME, ROOT, SCRIPT, TINY, descendants, free_port, launch, max_difference, records,
+                    wait_for_training, weights)
 
 
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(cache, tmp_path):
@@ -80,17 +34,6 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(cache, tmp_path):
     a, b = records(tmp_path / "two", "validation")[-1], records(tmp_path / "one", "validation")[-1]
     assert (a["tokens"], a["chains"]) == (b["tokens"], b["chains"])
     assert abs(a["loss"] - b["loss"]) < 1e-4
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(cache, tmp_path_factory):
-    save_dir = tmp_path_factory.mktemp("uninterrupted")
-    launch(TINY + ["--cache_dir", cache, "--max_tokens_per_batch", "1024", "--checkpointing_steps", "2",
-                   "--max_train_steps", "7", "--save_dir", save_dir])
-    return save_dir
-
-
-RESUME = TINY + ["--max_tokens_per_batch", "1024", "--checkpointing_steps", "2"]
 
 
 def test_resume_continues_exactly(cache, uninterrupted, tmp_path):
@@ -305,33 +248,6 @@ def test_fine_tuning_converted_proteinmpnn_on_two_ranks_resumes_exactly(cache, t
     assert config["decoder_context"] == "causal" and config["message_bias_per_neighbor"] is True
     # Validation is ProteinMPNN's teacher-forced accuracy, which the published weights already do well at.
     assert records(tmp_path / "whole", "validation")[-1]["accuracy"] > 0.3
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc), children first."""
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(fields[1]) == parent:
-                    found.append(int(entry.name))
-                    frontier.append(int(entry.name))
-    return found
-
-
-def wait_for_training(save_dir, process, timeout=180):
-    deadline = time.time() + timeout
-    while time.time() < deadline and process.poll() is None:
-        path = Path(save_dir) / "metrics.jsonl"
-        if path.is_file() and '"split": "train"' in path.read_text():
-            return
-        time.sleep(0.02)
-    raise AssertionError("training did not start")
 
 
 def checkpoint_step(stdout: str) -> int:

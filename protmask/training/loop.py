@@ -397,116 +397,116 @@ def train(args) -> dict:
         last_validation = metrics
         return metrics
 
-    finished = state["global_step"] >= max_train_steps
-    epoch = state["epoch"]
-    while not finished and (args.max_train_steps or epoch < args.epochs):
-        state["epoch"] = epoch
-        if state["epoch_offset"] == 0:
-            state["epoch_group_size"] = group_size
-        train_sampler.resume_epoch(epoch, state["epoch_offset"], state["epoch_group_size"])
-        train_loader.set_epoch(epoch)
-        iterator = iter(train_loader)
-        exhausted = False
-        while not exhausted and not finished:
-            step_started = time.perf_counter()
-            group, waiting = [], 0.0
-            for _ in range(args.gradient_accumulation_steps):
-                fetch_started = time.perf_counter()
-                try:
-                    group.append(next(iterator))
-                except StopIteration:
-                    exhausted = True
+    with progress:  # closed before an error is printed, so the message gets a line of its own
+        finished = state["global_step"] >= max_train_steps
+        epoch = state["epoch"]
+        while not finished and (args.max_train_steps or epoch < args.epochs):
+            state["epoch"] = epoch
+            if state["epoch_offset"] == 0:
+                state["epoch_group_size"] = group_size
+            train_sampler.resume_epoch(epoch, state["epoch_offset"], state["epoch_group_size"])
+            train_loader.set_epoch(epoch)
+            iterator = iter(train_loader)
+            exhausted = False
+            while not exhausted and not finished:
+                step_started = time.perf_counter()
+                group, waiting = [], 0.0
+                for _ in range(args.gradient_accumulation_steps):
+                    fetch_started = time.perf_counter()
+                    try:
+                        group.append(next(iterator))
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    finally:
+                        waiting += time.perf_counter() - fetch_started
+                if not group:
                     break
-                finally:
-                    waiting += time.perf_counter() - fetch_started
-            if not group:
-                break
-            # The loss is the mean over the masked residues of the whole global batch: count them on every
-            # rank first, so that neither batch boundaries nor accumulation change what is averaged.
-            local_tokens = sum(int((b["labels"] != -100).sum()) for b in group)
-            global_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
-            loss_sum, correct, residues = 0.0, 0, 0
-            for index, batch in enumerate(group):
-                sync = index == len(group) - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                    summed = masked_lm_loss(logits, batch["labels"], label_smoothing, reduction="sum")
-                    # DDP averages gradients over ranks; the factor undoes that to get a global-token mean.
-                    accelerator.backward(summed * accelerator.num_processes / max(global_tokens, 1))
-                loss_sum += float(summed.detach())
-                scored = batch["labels"] != -100
-                correct += int((logits.detach().argmax(-1)[scored] == batch["labels"][scored]).sum())
-                residues += int(batch["attention_mask"].sum())
-            totals = accelerator.reduce(torch.tensor([loss_sum, correct, residues, 0.0 if math.isfinite(loss_sum) else 1.0,
-                                                      float(preemption.requested)],
-                                                     dtype=torch.float64, device=accelerator.device), "sum")
-            if totals[3] > 0:  # non-finite on some rank: every rank skips this step alike
-                optimizer.zero_grad(set_to_none=True)
-                consecutive_nonfinite += 1
-                state["skipped_nonfinite_steps"] += 1
-                say(f"step {state['global_step'] + 1}: non-finite loss, step skipped "
-                    f"({consecutive_nonfinite} in a row, {state['skipped_nonfinite_steps']} in all)")
-                if consecutive_nonfinite >= args.max_nonfinite_steps:
-                    raise TrainingError(
-                        f"{consecutive_nonfinite} consecutive steps had a non-finite loss; stopping. Lower "
-                        "--learning_rate, keep --max_grad_norm on, or try --mixed_precision bf16/no instead of fp16.")
-            else:
-                consecutive_nonfinite = 0
-                if args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            state["global_step"] += 1
-            state["epoch_offset"] += len(group) * accelerator.num_processes
-            progress.update(1)
+                # The loss is the mean over the masked residues of the whole global batch: count them on every
+                # rank first, so that neither batch boundaries nor accumulation change what is averaged.
+                local_tokens = sum(int((b["labels"] != -100).sum()) for b in group)
+                global_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
+                loss_sum, correct, residues = 0.0, 0, 0
+                for index, batch in enumerate(group):
+                    sync = index == len(group) - 1
+                    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                        summed = masked_lm_loss(logits, batch["labels"], label_smoothing, reduction="sum")
+                        # DDP averages gradients over ranks; the factor undoes that to get a global-token mean.
+                        accelerator.backward(summed * accelerator.num_processes / max(global_tokens, 1))
+                    loss_sum += float(summed.detach())
+                    scored = batch["labels"] != -100
+                    correct += int((logits.detach().argmax(-1)[scored] == batch["labels"][scored]).sum())
+                    residues += int(batch["attention_mask"].sum())
+                totals = accelerator.reduce(torch.tensor([loss_sum, correct, residues, 0.0 if math.isfinite(loss_sum) else 1.0,
+                                                          float(preemption.requested)],
+                                                         dtype=torch.float64, device=accelerator.device), "sum")
+                if totals[3] > 0:  # non-finite on some rank: every rank skips this step alike
+                    optimizer.zero_grad(set_to_none=True)
+                    consecutive_nonfinite += 1
+                    state["skipped_nonfinite_steps"] += 1
+                    say(f"step {state['global_step'] + 1}: non-finite loss, step skipped "
+                        f"({consecutive_nonfinite} in a row, {state['skipped_nonfinite_steps']} in all)")
+                    if consecutive_nonfinite >= args.max_nonfinite_steps:
+                        raise TrainingError(
+                            f"{consecutive_nonfinite} consecutive steps had a non-finite loss; stopping. Lower "
+                            "--learning_rate, keep --max_grad_norm on, or try --mixed_precision bf16/no instead of fp16.")
+                else:
+                    consecutive_nonfinite = 0
+                    if args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state["global_step"] += 1
+                state["epoch_offset"] += len(group) * accelerator.num_processes
+                progress.update(1)
 
-            seconds = time.perf_counter() - step_started
-            window["loss_sum"] += float(totals[0]) if totals[3] == 0 else 0.0
-            window["tokens"] += global_tokens if totals[3] == 0 else 0
-            window["correct"] += int(totals[1])
-            window["residues"] += int(totals[2])
-            window["seconds"] += seconds
-            window["waiting"] += waiting
-            window["steps"] += 1
-            if state["global_step"] % args.logging_steps == 0 or state["global_step"] == max_train_steps:
-                loss = window["loss_sum"] / max(window["tokens"], 1)
-                record = {
-                    "step": state["global_step"], "epoch": epoch, "split": "train", "loss": loss,
-                    "perplexity": math.exp(min(loss, 50.0)), "accuracy": window["correct"] / max(window["tokens"], 1),
-                    "learning_rate": scheduler.get_last_lr()[0],
-                    "residues": window["residues"], "seconds": window["seconds"],
-                    "residues_per_s": window["residues"] / max(window["seconds"], 1e-9),
-                    "data_wait_fraction": window["waiting"] / max(window["seconds"], 1e-9),
-                    "skipped_nonfinite_steps": state["skipped_nonfinite_steps"],
-                }
-                log.write(record)
-                progress.set_postfix(loss=f"{loss:.3f}", lr=f"{record['learning_rate']:.2e}",
-                                     res_per_s=f"{record['residues_per_s']:.0f}")
-                window = dict.fromkeys(window, 0) | {"loss_sum": 0.0, "seconds": 0.0, "waiting": 0.0}
+                seconds = time.perf_counter() - step_started
+                window["loss_sum"] += float(totals[0]) if totals[3] == 0 else 0.0
+                window["tokens"] += global_tokens if totals[3] == 0 else 0
+                window["correct"] += int(totals[1])
+                window["residues"] += int(totals[2])
+                window["seconds"] += seconds
+                window["waiting"] += waiting
+                window["steps"] += 1
+                if state["global_step"] % args.logging_steps == 0 or state["global_step"] == max_train_steps:
+                    loss = window["loss_sum"] / max(window["tokens"], 1)
+                    record = {
+                        "step": state["global_step"], "epoch": epoch, "split": "train", "loss": loss,
+                        "perplexity": math.exp(min(loss, 50.0)), "accuracy": window["correct"] / max(window["tokens"], 1),
+                        "learning_rate": scheduler.get_last_lr()[0],
+                        "residues": window["residues"], "seconds": window["seconds"],
+                        "residues_per_s": window["residues"] / max(window["seconds"], 1e-9),
+                        "data_wait_fraction": window["waiting"] / max(window["seconds"], 1e-9),
+                        "skipped_nonfinite_steps": state["skipped_nonfinite_steps"],
+                    }
+                    log.write(record)
+                    progress.set_postfix(loss=f"{loss:.3f}", lr=f"{record['learning_rate']:.2e}",
+                                         res_per_s=f"{record['residues_per_s']:.0f}")
+                    window = dict.fromkeys(window, 0) | {"loss_sum": 0.0, "seconds": 0.0, "waiting": 0.0}
 
-            finished = state["global_step"] >= max_train_steps
-            if totals[4] > 0 and not finished:  # some rank was signalled: all stop after this same step
-                path = save_checkpoint(accelerator, args, dict(state))
-                say(f"preempted: checkpoint of step {state['global_step']} in {path}; continue the run with "
-                    f"--resume_from_checkpoint latest (exit status {PREEMPTED_EXIT_CODE})")
-                accelerator.end_training()
-                if accelerator.num_processes > 1:
-                    exit_process(PREEMPTED_EXIT_CODE)
-                preemption.uninstall()
-                raise Preempted(str(path))
-            if args.eval_steps and state["global_step"] % args.eval_steps == 0:
+                finished = state["global_step"] >= max_train_steps
+                if totals[4] > 0 and not finished:  # some rank was signalled: all stop after this same step
+                    path = save_checkpoint(accelerator, args, dict(state))
+                    say(f"preempted: checkpoint of step {state['global_step']} in {path}; continue the run with "
+                        f"--resume_from_checkpoint latest (exit status {PREEMPTED_EXIT_CODE})")
+                    accelerator.end_training()
+                    if accelerator.num_processes > 1:
+                        exit_process(PREEMPTED_EXIT_CODE)
+                    preemption.uninstall()
+                    raise Preempted(str(path))
+                if args.eval_steps and state["global_step"] % args.eval_steps == 0:
+                    validate(epoch)
+                if isinstance(args.checkpointing_steps, int) and state["global_step"] % args.checkpointing_steps == 0 \
+                        and not finished:
+                    save_checkpoint(accelerator, args, dict(state))
+            if exhausted:  # a whole epoch: validate, and checkpoint when asked per epoch
+                state["epoch"], state["epoch_offset"] = epoch + 1, 0
                 validate(epoch)
-            if isinstance(args.checkpointing_steps, int) and state["global_step"] % args.checkpointing_steps == 0 \
-                    and not finished:
-                save_checkpoint(accelerator, args, dict(state))
-        if exhausted:  # a whole epoch: validate, and checkpoint when asked per epoch
-            state["epoch"], state["epoch_offset"] = epoch + 1, 0
-            validate(epoch)
-            if args.checkpointing_steps == "epoch" and not finished:
-                save_checkpoint(accelerator, args, dict(state))
-        epoch += 1
-    progress.close()
+                if args.checkpointing_steps == "epoch" and not finished:
+                    save_checkpoint(accelerator, args, dict(state))
+            epoch += 1
 
     # The end: a resumable checkpoint (a later run may continue with a larger --max_train_steps), the model.
     validate(state["epoch"])
@@ -554,8 +554,8 @@ def main(argv=None) -> int:
         return 2
     except Preempted:
         return PREEMPTED_EXIT_CODE
-    except torch.distributed.DistError as error:
-        if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+    except RuntimeError as error:  # gloo raises a plain RuntimeError, NCCL a DistBackendError (a subclass)
+        if "timed out" not in str(error).lower():
             raise
         print(f"train_accelerate.py: error: another process stopped answering for --process_group_timeout "
               f"{args.process_group_timeout} s ({str(error).splitlines()[0][:200]}); the job stops. See "
