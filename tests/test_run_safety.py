@@ -18,6 +18,9 @@ import pytest
 from protmask.training.checkpointing import SaveDirLock, list_checkpoints
 from runner import BIN, ROOT, SCRIPT, TINY, descendants, free_port, launch, records, wait_for_training
 
+# Real processes, signals, mounts and file-size limits: `make test-faults`.
+pytestmark = pytest.mark.faults
+
 RUN = TINY + ["--max_tokens_per_batch", "1024", "--checkpointing_steps", "1"]
 
 
@@ -25,7 +28,6 @@ def epoch_residues(save_dir, epoch=0):
     return sum(r["residues"] for r in records(save_dir, "train") if r["epoch"] == epoch)
 
 
-@pytest.mark.faults
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
 def test_resume_on_another_number_of_processes(cache, uninterrupted, tmp_path, before, after):
     launcher = {1: None, 2: "accelerate"}
@@ -188,7 +190,6 @@ def test_a_launcher_that_starts_fewer_processes_than_asked_is_detected(cache, tm
     assert not (tmp_path / "run" / "final").exists()
 
 
-@pytest.mark.faults
 def test_a_stalled_rank_ends_the_job_within_the_collective_timeout(sample_dir, tmp_path):
     # Four hard-linked copies of the sample, parsed by one process: a first build that takes longer than the
     # 4 s collective timeout, which the other rank waits out in its own group. Then one rank is stopped.
