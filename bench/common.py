@@ -62,3 +62,43 @@ def spawn(script: str, *arguments, env: dict | None = None) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"{Path(script).name} worker {arguments[:1]} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def write_giant_complex(path, residues: int, source=None) -> int:
+    """An mmCIF complex of about ``residues`` residues: copies of a real chain (1a8q, 274 residues) placed on
+    a 3-D grid 70 Å apart, each its own chain, as large assemblies (capsids, ribosomes) are. Returns the
+    number of residues written."""
+    import gzip
+    import io
+
+    import numpy as np
+    from Bio.PDB import MMCIFIO, PDBParser
+    from Bio.PDB.Chain import Chain
+    from Bio.PDB.Model import Model
+    from Bio.PDB.Structure import Structure
+
+    from protmask.data import SAMPLE_DATA
+
+    source = source or SAMPLE_DATA / "1a8q.pdb.gz"
+    with gzip.open(source, "rt") as handle:
+        template = next(iter(PDBParser(QUIET=True).get_structure("t", io.StringIO(handle.read()))))
+    chain = next(iter(template))
+    protein = [r for r in chain if r.id[0] == " "]
+    copies = -(-residues // len(protein))
+    side = int(np.ceil(copies ** (1 / 3)))
+    model = Model(0)
+    for copy in range(copies):
+        new = Chain(f"C{copy}")
+        offset = 70.0 * np.array([copy % side, copy // side % side, copy // side ** 2], dtype=np.float32)
+        for residue in protein:
+            clone = residue.copy()
+            for atom in clone:
+                atom.set_coord(atom.get_coord() + offset)
+            new.add(clone)
+        model.add(new)
+    structure = Structure("giant")
+    structure.add(model)
+    writer = MMCIFIO()
+    writer.set_structure(structure)
+    writer.save(str(path))
+    return copies * len(protein)

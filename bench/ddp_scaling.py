@@ -6,6 +6,7 @@ budget) is the same in both, so 2 ranks do twice the work per step.
 
     python bench/ddp_scaling.py                      # hidden 128, k 48, 3+3 layers, 2000-token batches
     python bench/ddp_scaling.py --steps 30 --hidden_dim 256
+    python bench/ddp_scaling.py --baseline /tmp/before   # and the 1-rank speed of another checkout, alternated
 """
 
 from __future__ import annotations
@@ -28,13 +29,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(ranks: int, args, save_dir: Path) -> dict:
+def run(ranks: int, args, save_dir: Path, checkout: Path = ROOT) -> dict:
     flags = ["--pdb_path", args.pdb_path, "--cache_dir", args.cache_dir, "--hidden_dim", str(args.hidden_dim),
              "--num_neighbors", str(args.num_neighbors), "--max_tokens_per_batch", str(args.max_tokens),
              "--max_length", str(args.max_length), "--max_train_steps", str(args.steps), "--logging_steps",
              str(args.window), "--num_workers", "0", "--torch_threads", "1", "--checkpointing_steps",
              str(10 * args.steps), "--save_dir", str(save_dir)]
-    script = str(ROOT / "train_accelerate.py")
+    script = str(checkout / "train_accelerate.py")  # run from its folder, a checkout imports its own protmask
     if ranks == 1:
         command = [sys.executable, script] + flags
     else:
@@ -42,7 +43,7 @@ def run(ranks: int, args, save_dir: Path) -> dict:
                    str(ROOT / "accelerate_configs" / "cpu.yaml"), "--num_processes", str(ranks),
                    "--main_process_port", str(free_port()), script] + flags
     environment = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    done = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=ROOT)
+    done = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=checkout)
     if done.returncode != 0:
         raise SystemExit(f"{ranks}-rank run failed:\n{done.stderr[-4000:]}")
     train = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
@@ -65,20 +66,26 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=500)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--window", type=int, default=4, help="steps per logged window (the first is warm-up)")
+    parser.add_argument("--baseline", type=Path,
+                        help="another checkout (e.g. `git worktree add /tmp/before REV`): its 1-rank run is timed "
+                             "alternately with this one's, for a before/after ratio")
     parser.add_argument("--output")
     args = parser.parse_args()
+    result = {"benchmark": "ddp_scaling", "machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory() as scratch:
+        if args.baseline:
+            result["baseline_one_rank"] = run(1, args, Path(scratch) / "before", args.baseline)
         one = run(1, args, Path(scratch) / "one")
         two = run(2, args, Path(scratch) / "two")
-    emit({
-        "benchmark": "ddp_scaling",
-        "machine": machine(),
-        "settings": vars(args),
-        "one_rank": one,
-        "two_ranks": two,
-        "scaling_efficiency": round(two["residues_per_s"] / (2 * one["residues_per_s"]), 3),
-        "target": 0.85,
-    }, args.output)
+        if args.baseline:
+            again = run(1, args, Path(scratch) / "before-again", args.baseline)
+            before = (result["baseline_one_rank"]["residues_per_s"] + again["residues_per_s"]) / 2
+            result["baseline_one_rank_again"] = again
+            result["one_rank_vs_baseline"] = round(one["residues_per_s"] / before, 3)
+    result.update({"one_rank": one, "two_ranks": two,
+                   "scaling_efficiency": round(two["residues_per_s"] / (2 * one["residues_per_s"]), 3),
+                   "target": 0.85})
+    emit(result, args.output)
 
 
 if __name__ == "__main__":

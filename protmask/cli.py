@@ -9,7 +9,7 @@ from pathlib import Path
 
 def build_dataset_command(argv) -> int:
     from .data.build import DatasetBuildError, build_dataset
-    from .training.arguments import add_data_arguments, build_options
+    from .data.arguments import add_data_arguments, build_options
 
     parser = argparse.ArgumentParser(
         prog="protmask build-dataset",
@@ -18,10 +18,13 @@ def build_dataset_command(argv) -> int:
     )
     add_data_arguments(parser)
     parser.add_argument("--force", action="store_true", help="rebuild even when a cached build matches")
+    parser.add_argument("--prune", action="store_true",
+                        help="afterwards remove the other dataset builds in --cache_dir and parse results of files "
+                             "no longer in --pdb_path")
     args = parser.parse_args(argv)
     try:
         result = build_dataset(args.pdb_path, args.cache_dir, build_options(args), num_proc=args.num_proc,
-                               force=args.force or args.rebuild_dataset)
+                               force=args.force or args.rebuild_dataset, prune=args.prune)
     except DatasetBuildError as error:
         print(f"protmask build-dataset: error: {error}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ import torch
 from .data.collator import Example, ProtMaskProcessor, to_example
 from .design.decoding import decode
 from .design.scoring import CONTEXT, ranked_log_probs
-from .metrics import MaskedLMStats
+from .metrics import IGNORE_INDEX, MaskedLMStats
 from .structure import StructureError, parse_structure
 
 LENGTH_BUCKETS = (("<100", 0, 100), ("100-300", 100, 301), (">300", 301, 10**9))
@@ -74,7 +74,7 @@ def evaluate(model, processor: ProtMaskProcessor, examples: list[Example], max_t
         teacher = {k: v.to(device) for k, v in teacher.items()}
         logits = model(**{k: v for k, v in teacher.items() if k != "labels"}).logits
         stats.update(logits, teacher["labels"], teacher["chain_index"])
-        masked_native += teacher["labels"][teacher["labels"] != -100].tolist()
+        masked_native += teacher["labels"][teacher["labels"] != IGNORE_INDEX].tolist()
 
         full = processor(chunk, seeds=[(seed, i) for i in batch_indices])
         full = {k: v.to(device) for k, v in full.items()}

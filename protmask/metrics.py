@@ -8,7 +8,26 @@ import math
 import torch
 import torch.nn.functional as F
 
+#: The label of a position that is not scored (visible context, padding): PyTorch's cross-entropy default.
 IGNORE_INDEX = -100
+
+
+def masked_lm_sums(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0):
+    """(summed loss, scored positions, correct predictions) over positions whose label is not IGNORE_INDEX, as
+    device tensors: no host synchronisation (no boolean indexing, no `.item()`), so a training step can add
+    them up and read them once. The loss is float32 cross-entropy whatever the logits' dtype; with nothing
+    scored every sum is 0. The one loss and metric path of training, validation, evaluation and design."""
+    scored = labels != IGNORE_INDEX
+    loss = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           label_smoothing=label_smoothing, reduction="sum")
+    correct = ((logits.argmax(-1) == labels) & scored).sum()
+    return loss, scored.sum(), correct
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0, reduction: str = "mean"):
+    """Cross-entropy over scored positions: their sum, or their mean (0 when nothing is scored, not NaN)."""
+    loss, tokens, _ = masked_lm_sums(logits, labels, label_smoothing)
+    return loss if reduction == "sum" else loss / tokens.clamp(min=1)
 
 
 class MaskedLMStats:
@@ -30,7 +49,7 @@ class MaskedLMStats:
         scored = labels != IGNORE_INDEX
         if not bool(scored.any()):
             return
-        loss = F.cross_entropy(logits[scored].float(), labels[scored], reduction="sum", label_smoothing=label_smoothing)
+        loss, tokens, correct = masked_lm_sums(logits, labels, label_smoothing)
         hits = (logits.argmax(-1) == labels) & scored
         # Per chain: one id per (example, chain) pair.
         chain_id = torch.arange(labels.shape[0], device=labels.device)[:, None] * (int(chain_index.max()) + 2) + (
@@ -41,7 +60,7 @@ class MaskedLMStats:
         recovery = per_chain_hits / per_chain_tokens
         self.chain_recoveries += recovery.tolist()
         self.sums += torch.tensor(
-            [float(loss), float(scored.sum()), float(hits.sum()), float(recovery.sum()), float(len(ids))],
+            [float(loss), float(tokens), float(correct), float(recovery.sum()), float(len(ids))],
             dtype=torch.float64, device=self.sums.device)
 
     def reduce(self, accelerator=None) -> dict:

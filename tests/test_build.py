@@ -197,3 +197,73 @@ def test_files_over_the_size_limit_are_refused_and_reported(sample_dir, tmp_path
     (failed,) = result.report["files_failed"]
     assert failed["file"].endswith("huge.pdb.gz") and "--max_file_mb" in failed["error"]
     assert result.report["files_parsed"] == 1
+
+
+def test_two_forced_builds_at_once_take_turns_and_neither_crashes(sample_dir, tmp_path):
+    data = tmp_path / "pdb"
+    data.mkdir()
+    for name in ("1a8q.pdb.gz", "1aki.cif.gz", "1p3c.pdb.gz", "2fr2.pdb.gz", "3fh2.pdb.gz"):
+        shutil.copy(sample_dir / name, data / name)
+    command = [sys.executable, "-m", "protmask.cli", "build-dataset", "--pdb_path", str(data), "--cache_dir",
+               str(tmp_path / "cache"), "--num_proc", "1", "--force"]
+    for _ in range(2):
+        runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        outputs = [run.communicate(timeout=300) for run in runs]
+        assert [run.returncode for run in runs] == [0, 0], outputs
+        assert any("another process built" in out + err for out, err in outputs)  # the second reused the first's
+    assert len([p for p in (tmp_path / "cache").glob("protmask-dataset-*") if p.is_dir()]) == 1
+    assert not list((tmp_path / "cache").glob(".*tmp*"))
+    assert len(build_dataset(data, tmp_path / "cache", num_proc=1, **quiet).dataset["train"]) > 0
+
+
+def _parse_or_die(path, max_bytes):
+    from protmask.data.build import parse_structure
+
+    if path.endswith("1p3c.pdb.gz"):
+        os.kill(os.getpid(), 9)  # as the OS's out-of-memory killer would
+    return path, parse_structure(path, max_bytes), None
+
+
+def test_a_killed_parse_worker_is_that_files_failure_and_the_build_goes_on(sample_dir, tmp_path, monkeypatch):
+    import protmask.data.build as build
+
+    data = tmp_path / "pdb"
+    data.mkdir()
+    names = ("1a8q.pdb.gz", "1aki.cif.gz", "1p3c.pdb.gz", "2fr2.pdb.gz", "3fh2.pdb.gz", "4bpy.pdb.gz")
+    for name in names:
+        shutil.copy(sample_dir / name, data / name)
+    monkeypatch.setattr(build, "_parse_one", _parse_or_die)  # forked workers inherit the patched module
+    result = build_dataset(data, tmp_path / "cache", BuildOptions(validation_fraction=0, test_fraction=0),
+                           num_proc=2, **quiet)
+    (failed,) = result.report["files_failed"]
+    assert failed["file"].endswith("1p3c.pdb.gz") and "worker was killed" in failed["error"]
+    assert result.report["files_parsed"] == len(names) - 1
+
+
+def test_a_rebuild_parses_only_new_and_changed_files_and_no_entry_changes_split(sample_dir, tmp_path):
+    data, cache = tmp_path / "pdb", tmp_path / "cache"
+    data.mkdir()
+    files = sorted(sample_dir.glob("*.gz"))
+    for file in files[:-1]:
+        shutil.copy(file, data / file.name)
+    first = build_dataset(data, cache, num_proc=2, **quiet)
+    assert first.report["files_parsed_now"] == len(files) - 1
+    splits = {row["name"]: split for split in first.dataset for row in first.dataset[split]}
+
+    os.utime(data / files[0].name, ns=(1, 1))  # changed (its modification time)
+    shutil.copy(files[-1], data / files[-1].name)  # added
+    second = build_dataset(data, cache, num_proc=2, **quiet)
+    assert (second.report["files_parsed_now"], second.report["files_from_parse_cache"]) == (2, len(files) - 2)
+    again = {row["name"]: split for split in second.dataset for row in second.dataset[split]}
+    assert {name: again[name] for name in splits} == splits  # every earlier entry kept its split
+    # The same rows as a build from scratch.
+    scratch = build_dataset(data, tmp_path / "scratch", num_proc=2, **quiet)
+    for split in ("train", "validation", "test"):
+        assert second.dataset[split]["sequence"] == scratch.dataset[split]["sequence"]
+        for a, b in zip(second.dataset[split]["coords"], scratch.dataset[split]["coords"]):
+            assert np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)  # missing atoms are NaN
+
+    said = []
+    build_dataset(data, cache, num_proc=2, prune=True, log=said.append)
+    assert [p.name for p in cache.glob("protmask-dataset-*") if p.is_dir()] == [second.path.name]
+    assert "removed 1 superseded dataset build(s) and 1 stale parse results" in said[-1]

@@ -32,7 +32,7 @@ def epoch_residues(save_dir, epoch=0):
 def test_resume_on_another_number_of_processes(cache, uninterrupted, tmp_path, before, after):
     launcher = {1: None, 2: "accelerate"}
     common = RUN + ["--cache_dir", cache, "--save_dir", tmp_path, "--lr_scheduler_type", "linear",
-                    "--learning_rate", "1e-3"]
+                    "--learning_rate", "1e-3", "--warmup_steps", "0"]
     launch(common + ["--max_train_steps", "1"], launcher=launcher[before])
     continued = common + ["--epochs", "2", "--resume_from_checkpoint", "latest"]
     refused = launch(continued, launcher=launcher[after], check=False)
@@ -46,8 +46,8 @@ def test_resume_on_another_number_of_processes(cache, uninterrupted, tmp_path, b
     total = int(re.search(r"(\d+) steps in all", resumed.stdout).group(1))
     later = [r for r in records(tmp_path, "train") if r["step"] > 1]
     assert later and later[0]["learning_rate"] > 0
-    for record in later:
-        assert record["learning_rate"] == pytest.approx(1e-3 * after * (total - record["step"]) / total, rel=1e-6)
+    for record in later:  # the rate step k's update used, after k - 1 steps
+        assert record["learning_rate"] == pytest.approx(1e-3 * after * (total - record["step"] + 1) / total, rel=1e-6)
     # The first epoch, split over two process counts, trained on exactly the residues of an uninterrupted one.
     assert epoch_residues(tmp_path, 0) == epoch_residues(uninterrupted, 0)
     assert max(r["epoch"] for r in records(tmp_path, "train")) == 1
@@ -239,3 +239,70 @@ def test_the_trainer_rebuilds_a_damaged_cache_and_on_request(cache, tmp_path):
     forced = launch(RUN + ["--cache_dir", copy, "--save_dir", tmp_path / "c", "--max_train_steps", "1",
                            "--rebuild_dataset"])
     assert "reusing" not in forced.stdout and "files: 45 seen" in forced.stdout
+
+
+def test_a_default_warm_up_when_scaling_raises_the_rate(cache, tmp_path):
+    done = launch(RUN + ["--cache_dir", cache, "--save_dir", tmp_path, "--learning_rate", "1e-3",
+                         "--max_train_steps", "40"], launcher="accelerate")
+    assert "constant, 2 warm-up steps (the default when scaling raises the rate)" in done.stdout
+    used = [r["learning_rate"] for r in records(tmp_path, "train")]
+    assert used[:3] == pytest.approx([0.0, 1e-3, 2e-3]) and used[2:] == pytest.approx([2e-3] * (len(used) - 2))
+
+
+def test_the_built_wheel_installs_and_trains_from_another_folder(tmp_path):
+    # Build the wheel, install it into a clean environment that reuses this one's torch and libraries (a .pth
+    # line; their protmask checkout stays invisible), and train from an unrelated folder on the sample inside it.
+    import sysconfig
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("protmask-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert sum(n.startswith("protmask/sample_data/") and n.endswith(".gz") for n in names) == 45
+    assert "protmask/train.py" in names
+
+    env_dir = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
+    python = env_dir / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site) / "host_libraries.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    where = subprocess.run([str(python), "-c", "import protmask; print(protmask.__file__)"], capture_output=True,
+                           text=True, cwd=work, check=True).stdout
+    assert where.startswith(site)
+    common = [*map(str, TINY), "--max_tokens_per_batch", "1024", "--max_train_steps", "2", "--cache_dir", "cache"]
+    one = subprocess.run([str(python), "-m", "protmask.train", *common, "--save_dir", "one"], capture_output=True,
+                         text=True, cwd=work, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    report = json.loads(next((work / "cache").glob("protmask-dataset-*/build_report.json")).read_text())
+    assert report["inputs"] == [str(Path(site) / "protmask" / "sample_data")]  # the sample inside the wheel
+    assert (work / "one" / "final" / "model.safetensors").is_file()
+    two = subprocess.run([str(python), "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), "-m", "protmask.train", *common, "--save_dir", "two"],
+                         capture_output=True, text=True, cwd=work, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "world size: 2 process(es)" in two.stdout
+    three = subprocess.run([str(python), "-m", "accelerate.commands.launch", "--config_file",
+                            str(ROOT / "accelerate_configs" / "cpu.yaml"), "--main_process_port", str(free_port()),
+                            "-m", "protmask.train", *common, "--save_dir", "three"],
+                           capture_output=True, text=True, cwd=work, timeout=300)
+    assert three.returncode == 0, three.stderr[-3000:]
+    assert "world size: 2 process(es)" in three.stdout
+
+
+def test_a_20000_residue_entry_trains_with_the_default_flags(tmp_path):
+    # bench/memory.py: 9 sample entries and a 20 000-residue complex of real chains; one step and the
+    # validation of the default model (hidden 256, 3 + 3 layers, 48 neighbours) with every default flag.
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py"), "--variants", "default", "--output",
+                           str(tmp_path / "memory.json")], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads((tmp_path / "memory.json").read_text())["default_flags"]
+    assert run["returncode"] == 0, run.get("error")
+    assert run["giant_residues"] >= 20000
+    assert any("batch per device: 8 examples" in line for line in run["run"])
+    assert run["training_peak_rss_mb"] < 8000  # the stated bound: fits an 8 GB-class device

@@ -55,16 +55,25 @@ def test_ranks_get_equal_batch_counts_and_lose_no_example(lengths, ranks):
     assert sorted(indices) == list(range(len(lengths)))
 
 
+def steps_out_of_length_order(sampler, lengths, ranks: int) -> int:
+    """Steps (one batch per rank, dealt by Accelerate) whose batches are not neighbours in length: every
+    example of the second batch should be no longer than every example of the first, as when one sorted
+    bucket is cut. Only steps that straddle two buckets may break this."""
+    shards = [list(BatchSamplerShard(sampler, num_processes=ranks, process_index=r)) for r in range(ranks)]
+    broken = 0
+    for step in zip(*shards):
+        widths = [[lengths[i] for i, _ in batch] for batch in step]
+        broken += any(min(a) < max(b) for a, b in zip(widths, widths[1:]))
+    return broken
+
+
 def test_groups_keep_one_steps_batches_together(lengths):
-    """Grouped by ranks × accumulation, one step's batches are the same spread over ranks or accumulated."""
-    grouped = LengthBucketBatchSampler(lengths, max_tokens=900, seed=3, group_size=2)
-    batches = list(grouped)
-    rank_zero = list(BatchSamplerShard(grouped, num_processes=2, process_index=0))
-    rank_one = list(BatchSamplerShard(grouped, num_processes=2, process_index=1))
-    for step in range(len(batches) // 2):
-        assert [rank_zero[step], rank_one[step]] == batches[2 * step:2 * step + 2]
-    widths = [max(lengths[i] for i, _ in b) for b in batches]
-    spread_in_steps = np.mean([abs(widths[2 * s] - widths[2 * s + 1]) for s in range(len(batches) // 2)])
-    ungrouped = [max(lengths[i] for i, _ in b) for b in LengthBucketBatchSampler(lengths, max_tokens=900, seed=3)]
-    spread_ungrouped = np.mean([abs(ungrouped[2 * s] - ungrouped[2 * s + 1]) for s in range(len(ungrouped) // 2)])
-    assert spread_in_steps < spread_ungrouped  # the ranks of a step get similar lengths
+    """Grouped by ranks × accumulation, the batches of one step are neighbours in length, whichever rank
+    takes them; a sampler that only shuffles batches fails the same check."""
+    lengths = np.tile(lengths, 10)  # the sample's real lengths, ten times: enough steps to tell them apart
+    grouped = LengthBucketBatchSampler(lengths, max_tokens=900, seed=3, group_size=2, bucket_batches=10)
+    buckets = -(-len(lengths) // (grouped.max_tokens // int(np.median(lengths)) * 10))
+    assert steps_out_of_length_order(grouped, lengths, 2) <= buckets
+    ungrouped = LengthBucketBatchSampler(lengths, max_tokens=900, seed=3, group_size=1, bucket_batches=10)
+    steps = len(ungrouped) // 2
+    assert steps_out_of_length_order(ungrouped, lengths, 2) > max(2 * buckets, steps // 4)

@@ -29,6 +29,9 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(cache, tmp_path):
     launch(common + ["--save_dir", tmp_path / "one", "--gradient_accumulation_steps", "2"])
     final = json.loads((tmp_path / "two" / "final_metrics.json").read_text())
     assert final["ranks"] == 2 and final["ranks_in_sync"] is True
+    # No scaling, no warm-up: every update of both runs used the base rate.
+    for save_dir in (tmp_path / "two", tmp_path / "one"):
+        assert {r["learning_rate"] for r in records(save_dir, "train")} == {1e-3}
     assert max_difference(weights(tmp_path / "two"), weights(tmp_path / "one")) < 1e-5
     # The same validation examples and masks were scored, each exactly once.
     a, b = records(tmp_path / "two", "validation")[-1], records(tmp_path / "one", "validation")[-1]
@@ -94,9 +97,11 @@ def test_uneven_data_torchrun_schedule_and_exactly_once_validation(sample_dir, t
     assert "--ddp is no longer needed" in one.stdout and "--main_process_port 1234" in one.stdout
 
     for save_dir, base in ((tmp_path / "one", 1e-3), (tmp_path / "two", 2e-3)):
+        # The rate each step's update used (read from the optimizer): step k follows k - 1 finished steps.
         learning_rates = {r["step"]: r["learning_rate"] for r in records(save_dir, "train")}
         for step in range(1, 9):
-            expected = base * (step / 3 if step < 3 else max(0.0, (8 - step) / (8 - 3)))
+            done = step - 1
+            expected = base * (done / 3 if done < 3 else max(0.0, (8 - done) / (8 - 3)))
             assert learning_rates[step] == pytest.approx(expected, rel=1e-6, abs=1e-12), (save_dir.name, step)
 
     # Validation: every example once, with the same fixed masks, on 1 and 2 ranks.
@@ -117,21 +122,41 @@ def test_uneven_data_torchrun_schedule_and_exactly_once_validation(sample_dir, t
             assert (record["tokens"], record["chains"]) == (expected_tokens, expected_chains)
 
 
-def test_two_machines_on_one_host(cache, tmp_path):
+def two_machines(tmp_path, caches, save_dir):
+    """Two one-process "machines" on loopback, each with its own --cache_dir (the same folder = shared storage)."""
     port = free_port()
     processes = []
     for rank in (0, 1):
         command = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
                    "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-                   SCRIPT] + TINY + ["--cache_dir", cache, "--max_train_steps", "3", "--max_tokens_per_batch", "1024",
-                                     "--save_dir", str(tmp_path)]
+                   SCRIPT] + TINY + ["--cache_dir", str(caches[rank]), "--max_train_steps", "3",
+                                     "--max_tokens_per_batch", "1024", "--save_dir", str(save_dir)]
         processes.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                           text=True))
     outputs = [p.communicate(timeout=300)[0] for p in processes]
     assert all(p.returncode == 0 for p in processes), outputs[0][-3000:] + outputs[1][-3000:]
     assert "world size: 2 process(es) on 2 machine(s)" in outputs[0]
-    final = json.loads((tmp_path / "final_metrics.json").read_text())
+    final = json.loads((save_dir / "final_metrics.json").read_text())
     assert final["ranks"] == 2 and final["ranks_in_sync"] and final["global_step"] == 3
+    return outputs
+
+
+def built_by(cache) -> list[str]:
+    return [json.loads(report.read_text())["built_by"] for report in Path(cache).glob("*/build_report.json")]
+
+
+def test_two_machines_on_one_host_share_one_build(tmp_path):
+    # A fresh shared --cache_dir: one machine builds, the other waits for its lock and reuses the result.
+    outputs = two_machines(tmp_path, [tmp_path / "shared"] * 2, tmp_path / "run")
+    assert len(built_by(tmp_path / "shared")) == 1
+    assert any("reusing the dataset" in output for output in outputs)
+
+
+@pytest.mark.faults
+def test_two_machines_with_node_local_caches_build_one_copy_each(tmp_path):
+    two_machines(tmp_path, [tmp_path / "node0", tmp_path / "node1"], tmp_path / "run")
+    (first,), (second,) = built_by(tmp_path / "node0"), built_by(tmp_path / "node1")
+    assert first != second  # each machine's first process built its own copy, once
 
 
 def test_final_model_loads_and_reproduces_validation_loss(uninterrupted, sample_build):
@@ -214,7 +239,12 @@ def test_bad_flags_fail_before_work(cache, tmp_path, flags, message):
 
 
 def test_learning_rate_scaling_rules():
+    from protmask.training.loop import warmup_steps
+
     args = build_parser().parse_args(["--learning_rate", "1e-4"])
+    assert warmup_steps(args, 1, 1000) == 0  # one process: the guide's behaviour, no warm-up
+    assert warmup_steps(args, 8, 1000) == 50 and warmup_steps(args, 8, 10**6) == 1000  # 5 %, at most 1000
+    assert warmup_steps(build_parser().parse_args(["--warmup_steps", "0"]), 8, 1000) == 0
     assert effective_learning_rate(args, 8) == pytest.approx(8e-4)
     args.lr_scaling = "sqrt"
     assert effective_learning_rate(args, 4) == pytest.approx(2e-4)

@@ -3,7 +3,9 @@ fingerprinted by its inputs and options, with a report that accounts for every f
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import functools
 import hashlib
 import json
@@ -13,12 +15,14 @@ import shutil
 import socket
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..structure import StructureError, is_structure_file, parse_structure
+from .parse_cache import ParseCache, file_key
 
 #: Bump when the row layout or the parsing rules change, so that old caches are rebuilt.
 BUILD_FORMAT_VERSION = 1
@@ -230,6 +234,41 @@ def _parse_one(path: str, max_bytes: int):
         return path, None, f"{type(error).__name__}: {error}"
 
 
+KILLED_WORKER = "the parse worker was killed"
+
+
+def file_key_or_none(path: str) -> str | None:
+    try:
+        return file_key(path)
+    except OSError:  # gone since it was listed: parsing it reports why
+        return None
+
+
+def parse_all(parse, paths: list[str], num_proc: int):
+    """``parse`` over ``paths`` in ``num_proc`` worker processes, results in order. A worker that dies (the
+    OS killed it for memory, a crash) breaks the pool: the file it held is parsed again alone, and if its
+    worker dies again it is reported as that file's failure; the rest go on in a fresh pool."""
+    # fork: no re-import of the caller's __main__ (scripts without a main guard work), cheap start.
+    context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+    done = 0
+    while done < len(paths):
+        remaining = paths[done:]
+        with ProcessPoolExecutor(num_proc, mp_context=context) as pool:
+            try:
+                for result in pool.map(parse, remaining, chunksize=max(1, min(16, len(remaining) // (num_proc * 4) or 1))):
+                    yield result
+                    done += 1
+            except BrokenProcessPool:
+                pass
+        if done < len(paths):  # the pool broke at paths[done]: try that file alone
+            with ProcessPoolExecutor(1, mp_context=context) as alone:
+                try:
+                    yield alone.submit(parse, paths[done]).result()
+                except BrokenProcessPool:
+                    yield paths[done], None, f"{KILLED_WORKER} while reading this file (out of memory?)"
+            done += 1
+
+
 def filter_chains(chains, options: BuildOptions):
     """(kept, [(chain, reason)]): the chain filters of a build, shared with evaluation."""
     kept, dropped = [], []
@@ -292,11 +331,14 @@ def read_cluster_file(path) -> dict[str, str]:
 
 
 def assign_splits(groups: list[list[str]], options: BuildOptions, clusters: dict | None = None):
-    """Split entries so that entries sharing a chain sequence (or a cluster) land in the same split.
+    """Split entries so that entries sharing a chain sequence (or a cluster) land in the same split, and an
+    entry's split depends only on its own component: adding or changing files moves no other entry.
 
     ``groups[i]`` lists the keys of entry ``i`` (its chains' sequences, or their cluster ids). Entries linked
-    by a shared key form one component; components are shuffled with the seed and dealt to test, then
-    validation, until each holds its fraction of entries. Returns one split name per entry.
+    by a shared key form one component; the component's smallest key, hashed with the seed, gives a number in
+    [0, 1) that falls in test, validation or train by the fractions. On a handful of entries a split asked for
+    may come out empty: it then takes the train component whose number lies nearest above its range.
+    Returns one split name per entry.
     """
     parent = list(range(len(groups)))
 
@@ -316,24 +358,24 @@ def assign_splits(groups: list[list[str]], options: BuildOptions, clusters: dict
     components: dict[int, list[int]] = {}
     for i in range(len(groups)):
         components.setdefault(find(i), []).append(i)
-    order = sorted(components.values(), key=lambda members: members[0])
-    rng = np.random.default_rng(options.seed)
-    order = [order[i] for i in rng.permutation(len(order))]
-
-    n = len(groups)
-    targets = {"test": round(options.test_fraction * n), "validation": round(options.validation_fraction * n)}
-    for split, fraction in (("test", options.test_fraction), ("validation", options.validation_fraction)):
-        if fraction > 0 and targets[split] == 0 and n >= 3:
-            targets[split] = 1
-    counts = {"test": 0, "validation": 0}
-    assignment = ["train"] * n
-    for members in order:
+    bounds = {"test": options.test_fraction, "validation": options.test_fraction + options.validation_fraction}
+    assignment, positions = ["train"] * len(groups), {}
+    for root, members in components.items():
+        key = min(k for i in members for k in groups[i])
+        position = int.from_bytes(hashlib.sha256(f"{options.seed}\0{key}".encode()).digest()[:8], "big") / 2**64
+        positions[root] = position
+        split = "test" if position < bounds["test"] else "validation" if position < bounds["validation"] else "train"
+        for i in members:
+            assignment[i] = split
+    if len(groups) >= 3:
         for split in ("test", "validation"):
-            if counts[split] + len(members) <= targets[split]:
-                counts[split] += len(members)
-                for i in members:
-                    assignment[i] = split
-                break
+            wanted = options.test_fraction if split == "test" else options.validation_fraction
+            if wanted > 0 and split not in assignment and "train" in assignment:
+                candidates = [root for root in components if assignment[root] == "train"]
+                if len(candidates) > 1:
+                    chosen = min(candidates, key=lambda root: (positions[root] - bounds[split]) % 1.0)
+                    for i in components[chosen]:
+                        assignment[i] = split
     return assignment
 
 
@@ -344,6 +386,8 @@ def _count(report: dict, reason: str) -> None:
 def _summary(report: dict) -> str:
     lines = [
         f"dataset: {report['dataset_path']}",
+        f"parsing: {report.get('files_parsed_now', report['files_seen'])} files parsed now, "
+        f"{report.get('files_from_parse_cache', 0)} unchanged files from the parse cache",
         f"files: {report['files_seen']} seen, {report['files_parsed']} parsed, {len(report['files_failed'])} failed, "
         f"{len(report['files_without_chains'])} with no chain kept, {len(report.get('paths_skipped', []))} paths skipped",
         f"chains: {report['chains_seen']} seen, {report['chains_kept']} kept, {len(report['chains_filtered'])} filtered",
@@ -418,6 +462,7 @@ def build_dataset(
     num_proc: int | None = None,
     force: bool = False,
     log=print,
+    prune: bool = False,
 ) -> BuildResult:
     """Build (or reuse) the dataset for ``pdb_path`` under ``cache_dir`` and return it with its report.
 
@@ -432,14 +477,81 @@ def build_dataset(
     files, root = find_structure_files(pdb_path, skipped=skipped)
     key = fingerprint(files, options)
     target = Path(cache_dir) / f"protmask-dataset-{key}"
-    if not force and is_built_dataset(target) and (target / REPORT_NAME).is_file():
-        damage = dataset_damage(target)
-        if damage is None:
-            result = load_built(target, check=False)
-            log(f"reusing the dataset built from these {len(files)} files with these options: {target}")
-            return result
-        log(f"the cached dataset {target} is damaged ({damage}); building it again")
+    result = None
+    if not force and (result := reusable(target, log)) is not None:
+        log(f"reusing the dataset built from these {len(files)} files with these options: {target}")
+    if result is None:
+        requested = time.time()
+        with build_lock(target, cache_dir, log):
+            # Another process (a rank on another node, a second build command) may have built it while this one
+            # waited for the lock: use that, even with force, since it is newer than this request.
+            built_meanwhile = (target / REPORT_NAME).is_file() and (target / REPORT_NAME).stat().st_mtime >= requested
+            if (not force or built_meanwhile) and (result := reusable(target, log)) is not None:
+                log(f"reusing the dataset another process built from these {len(files)} files meanwhile: {target}")
+            else:
+                result = _build(pdb_path, cache_dir, target, key, files, root, skipped, options, num_proc, log)
+    if prune:
+        prune_cache(cache_dir, target, {k for k in map(file_key_or_none, map(str, files)) if k}, options.max_file_mb << 20,
+                    log)
+    return result
 
+
+def prune_cache(cache_dir, keep: Path, live_keys: set[str], max_bytes: int, log=print) -> None:
+    """Remove every other dataset build in ``cache_dir`` (not one being built: its lock is held) and drop
+    parse results of files no longer in the inputs."""
+    removed = 0
+    for folder in Path(cache_dir).glob("protmask-dataset-*"):
+        if not folder.is_dir() or folder.resolve() == keep.resolve():
+            continue
+        with open(folder.parent / f"{folder.name}.lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+        (folder.parent / f"{folder.name}.lock").unlink(missing_ok=True)
+    dropped = ParseCache(cache_dir, max_bytes).compact(live_keys)
+    log(f"--prune: removed {removed} superseded dataset build(s) and {dropped} stale parse results from {cache_dir}")
+
+
+def reusable(target: Path, log) -> BuildResult | None:
+    """The cached build at ``target`` when it is complete and undamaged, else None (saying why if damaged)."""
+    if not (is_built_dataset(target) and (target / REPORT_NAME).is_file()):
+        return None
+    damage = dataset_damage(target)
+    if damage is not None:
+        log(f"the cached dataset {target} is damaged ({damage}); building it again")
+        return None
+    return load_built(target, check=False)
+
+
+@contextlib.contextmanager
+def build_lock(target: Path, cache_dir, log):
+    """Hold ``<target>.lock`` while building and publishing: processes that build the same inputs into one
+    --cache_dir (ranks of several nodes, two commands) take turns, and the later ones reuse the result."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(target.parent / f"{target.name}.lock", "a+")
+    except OSError as error:
+        raise DatasetBuildError(f"cannot write the dataset to --cache_dir {cache_dir} ({error.strerror or error}); "
+                                "give a writable --cache_dir with free space") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            log(f"waiting for another build of the same dataset ({handle.read().strip() or 'another process'})")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield
+
+
+def _build(pdb_path, cache_dir, target: Path, key: str, files, root, skipped, options, num_proc, log) -> BuildResult:
+    """Parse every file, filter, split and publish the dataset at ``target`` (the caller holds its lock)."""
     import datasets
     from datasets import Dataset, DatasetDict
 
@@ -464,6 +576,7 @@ def build_dataset(
         "inputs": [str(p) for p in ([pdb_path] if isinstance(pdb_path, (str, os.PathLike)) else pdb_path)],
         "options": asdict(options),
         "num_proc": num_proc,
+        "built_by": f"pid {os.getpid()} on {socket.gethostname()}",
         "files_seen": len(files),
         "paths_skipped": skipped,
         "files_parsed": 0,
@@ -479,59 +592,66 @@ def build_dataset(
     clusters = read_cluster_file(options.cluster_file) if options.cluster_file else None
     unclustered = 0
 
+    parse_cache = ParseCache(cache_dir, options.max_file_mb << 20).load()
+
+    def parsed():
+        """(path, chains, error) for every file in order: from the parse cache when the file is unchanged,
+        else parsed now (in parallel) and added to the cache."""
+        paths = [str(p) for p in files]
+        keys = [file_key_or_none(p) for p in paths]
+        fresh = [p for p, k in zip(paths, keys) if k not in parse_cache]
+        report["files_parsed_now"], report["files_from_parse_cache"] = len(fresh), len(paths) - len(fresh)
+        parse = functools.partial(_parse_one, max_bytes=options.max_file_mb << 20)
+        results = iter(parse_all(parse, fresh, num_proc) if num_proc > 1 else map(parse, fresh))
+        for path, key in zip(paths, keys):
+            if key in parse_cache:
+                yield (path, *parse_cache.get(key, path))
+                continue
+            _, chains, error = next(results)
+            if key is not None and not (error or "").startswith(KILLED_WORKER):  # a kill may not recur
+                parse_cache.add(key, chains, error)
+            yield path, chains, error
+
     def rows():
         nonlocal unclustered
-        paths = [str(p) for p in files]
-        parse = functools.partial(_parse_one, max_bytes=options.max_file_mb << 20)
-        if num_proc > 1:
-            # fork: no re-import of the caller's __main__ (scripts without a main guard work), cheap start.
-            context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-            pool = ProcessPoolExecutor(num_proc, mp_context=context)
-            results = pool.map(parse, paths, chunksize=max(1, min(16, len(paths) // (num_proc * 4) or 1)))
-        else:
-            pool, results = None, map(parse, paths)
-        try:
-            for path, chains, error in results:
-                rel = entry_name(Path(path), root)
-                if error is not None:
-                    report["files_failed"].append({"file": path, "error": error})
-                    continue
-                report["files_parsed"] += 1
-                report["chains_seen"] += len(chains)
-                resolution = chains[0].resolution
-                if options.max_resolution is not None and resolution is not None and resolution > options.max_resolution:
-                    reason = f"resolution {resolution:.2f} Å over --max_resolution {options.max_resolution}"
-                    report["entries_filtered"].append({"file": path, "reason": reason})
-                    for chain in chains:
-                        report["chains_filtered"].append({"file": path, "chain": chain.chain_id, "length": len(chain), "reason": reason})
-                        _count(report, "resolution over --max_resolution")
-                    report["files_without_chains"].append(path)
-                    continue
-                kept, dropped = filter_chains(chains, options)
-                for chain, reason in dropped:
+        for path, chains, error in parsed():
+            rel = entry_name(Path(path), root)
+            if error is not None:
+                report["files_failed"].append({"file": path, "error": error})
+                continue
+            report["files_parsed"] += 1
+            report["chains_seen"] += len(chains)
+            resolution = chains[0].resolution
+            if options.max_resolution is not None and resolution is not None and resolution > options.max_resolution:
+                reason = f"resolution {resolution:.2f} Å over --max_resolution {options.max_resolution}"
+                report["entries_filtered"].append({"file": path, "reason": reason})
+                for chain in chains:
                     report["chains_filtered"].append({"file": path, "chain": chain.chain_id, "length": len(chain), "reason": reason})
-                    _count(report, "too many unknown (X) residues" if "unknown (X)" in reason else reason.split(" (")[0])
-                if not kept:
-                    report["files_without_chains"].append(path)
-                    continue
-                report["chains_kept"] += len(kept)
-                if clusters is not None:
-                    keys = []
-                    for chain in kept:
-                        cluster = clusters.get(f"{Path(rel).name.lower()}_{chain.chain_id}")
-                        if cluster is None:
-                            unclustered += 1
-                            keys.append("seq:" + chain.sequence)
-                        else:
-                            keys.append("cluster:" + cluster)
-                else:
-                    keys = ["seq:" + chain.sequence for chain in kept]
-                groups.append(keys)
-                names.append(rel)
-                yield _row(rel, path, kept)
-        finally:
-            if pool is not None:
-                pool.shutdown()
+                    _count(report, "resolution over --max_resolution")
+                report["files_without_chains"].append(path)
+                continue
+            kept, dropped = filter_chains(chains, options)
+            for chain, reason in dropped:
+                report["chains_filtered"].append({"file": path, "chain": chain.chain_id, "length": len(chain), "reason": reason})
+                _count(report, "too many unknown (X) residues" if "unknown (X)" in reason else reason.split(" (")[0])
+            if not kept:
+                report["files_without_chains"].append(path)
+                continue
+            report["chains_kept"] += len(kept)
+            if clusters is not None:
+                keys = []
+                for chain in kept:
+                    cluster = clusters.get(f"{Path(rel).name.lower()}_{chain.chain_id}")
+                    if cluster is None:
+                        unclustered += 1
+                        keys.append("seq:" + chain.sequence)
+                    else:
+                        keys.append("cluster:" + cluster)
+            else:
+                keys = ["seq:" + chain.sequence for chain in kept]
+            groups.append(keys)
+            names.append(rel)
+            yield _row(rel, path, kept)
 
     try:
         try:
@@ -590,6 +710,7 @@ def build_dataset(
         failed_report.write_text(json.dumps(report, indent=1))
         raise DatasetBuildError(f"{error}\nfull report: {failed_report}") from None
     finally:
+        parse_cache.close()  # what was parsed stays useful, even when this build failed
         shutil.rmtree(staging, ignore_errors=True)
     result = load_built(target, check=False)
     result.reused = False

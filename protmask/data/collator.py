@@ -14,10 +14,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..metrics import IGNORE_INDEX
 from ..models.tokenization_protmask import ProtMaskTokenizer
 from ..structure import ProteinChain
 
-IGNORE_INDEX = -100
 #: Training objectives: "masked" hides a share of residues; "autoregressive" scores every residue in a random
 #: decoding order (ProteinMPNN's objective; needs a model with decoder_context="causal").
 OBJECTIVES = ("masked", "autoregressive")

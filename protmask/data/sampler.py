@@ -138,8 +138,11 @@ class LengthBucketBatchSampler(Sampler[list]):
                 chunk = order[start:start + bucket]
                 batches += self._cut(chunk[np.argsort(-self.lengths[chunk], kind="stable")])
             groups = [batches[i:i + group_size] for i in range(0, len(batches), group_size)]
+            # A short last group stays last: shuffled into the middle it would shift every later step's
+            # batches off the step boundaries, and the ranks of a step would get unrelated lengths.
+            short = groups.pop() if groups and len(groups[-1]) < group_size else []
             rng = np.random.default_rng((self.seed, epoch, 1))
-            batches = [batch for i in rng.permutation(len(groups)) for batch in groups[i]]
+            batches = [batch for i in rng.permutation(len(groups)) for batch in groups[i]] + short
         self._cache = (key, batches)
         return batches
 

@@ -25,6 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.utils import ModelOutput
 
+from ..metrics import masked_lm_loss
 from .configuration_protmask import ProtMaskConfig
 
 # Ideal-geometry coefficients for the virtual CB from N, CA, C (as in ProteinMPNN and trRosetta).
@@ -59,20 +60,6 @@ def edge_message_input(edge_states, edge_weight, self_projection, neighbor_proje
     summed.view(-1, summed.shape[-1]).addmm_(edge_states.reshape(-1, hidden).to(summed.dtype),
                                               edge_weight.t().to(summed.dtype))
     return summed
-
-
-def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0, reduction: str = "mean"):
-    """Cross-entropy over positions whose label is not -100, in float32 whatever the logits' dtype.
-
-    ``reduction="sum"`` lets a caller normalise by a count it knows better (the trainer divides by the
-    masked residues of the whole global batch). With no scored position the loss is 0, not NaN.
-    """
-    scored = labels != -100
-    if not bool(scored.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(
-        logits[scored].float(), labels[scored], label_smoothing=label_smoothing, reduction=reduction
-    )
 
 
 @dataclass
@@ -391,7 +378,7 @@ class ProtMaskForMaskedLM(ProtMaskPreTrainedModel):
         coords (`torch.FloatTensor` of shape `(batch, length, 4, 3)`): N, CA, C, O in Å; NaN where missing.
         attention_mask (`(batch, length)`): 1 for residues, 0 for padding.
         residue_index (`(batch, length)`): position along the chain (gaps allowed); chain_index: chain number.
-        labels (`(batch, length)`): true residue ids where scored, -100 elsewhere.
+        labels (`(batch, length)`): true residue ids where scored, IGNORE_INDEX (-100) elsewhere.
         decoding_rank (`(batch, length)`, causal decoder only): the order residues are decoded in (see
         `ProtMaskConfig.decoder_context`).
         """

@@ -3,21 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
-from ..data import SAMPLE_DATA
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("PROTMASK_CACHE") or str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "protmask")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+from ..data.arguments import add_data_arguments, build_options, default_cache_dir, fraction, positive_int  # noqa: F401
 
 
 def non_negative_int(text: str) -> int:
@@ -27,58 +14,17 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
+#: Default crop: 8 examples × 512 residues per device fit an 8 GB-class GPU with the default model in fp32
+#: (measured by bench/memory.py). Giant complexes (10^4-10^5 residues) are cropped spatially.
+DEFAULT_MAX_LENGTH = 512
+DEFAULT_BATCH_GB = 6
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("data")
-    group.add_argument("--pdb_path", default=str(SAMPLE_DATA),
-                       help="folder of PDB/mmCIF files (.gz or not, searched recursively), one file, a list file "
-                            "(.txt, one path a line) or a dataset built earlier (default: the shipped sample)")
-    group.add_argument("--cache_dir", default=default_cache_dir(),
-                       help="where built datasets are kept; the same inputs and options reuse the cache "
-                            "(default: $PROTMASK_CACHE or ~/.cache/protmask)")
-    group.add_argument("--num_proc", type=positive_int, default=None,
-                       help="parallel parsing processes for a build (default: all CPU cores)")
-    group.add_argument("--min_length", type=positive_int, default=20,
-                       help="drop chains with fewer residues that have a complete backbone (default: 20)")
-    group.add_argument("--max_resolution", type=float, default=None,
-                       help="drop entries whose stated resolution is worse (larger) than this, in Å; entries "
-                            "with no stated resolution (NMR) are kept (default: no limit)")
-    group.add_argument("--max_unknown_fraction", type=fraction, default=0.5,
-                       help="drop chains where more than this fraction of residues are unknown (X) (default: 0.5)")
-    group.add_argument("--validation_fraction", type=fraction, default=0.1,
-                       help="fraction of entries held out for validation (default: 0.1)")
-    group.add_argument("--test_fraction", type=fraction, default=0.1,
-                       help="fraction of entries held out for testing (default: 0.1)")
-    group.add_argument("--cluster_file", default=None,
-                       help="TSV of chain (1abc_A) → cluster id, or ProteinMPNN's list.csv; whole clusters go to "
-                            "one split. Without it, identical chain sequences stay together")
-    group.add_argument("--max_file_mb", type=positive_int, default=512,
-                       help="refuse (and report) structure files larger than this many MB once inflated; parsing "
-                            "holds several times a file's size in memory")
-    group.add_argument("--rebuild_dataset", action="store_true",
-                       help="build the dataset again even when a cached build matches (e.g. after damage)")
-    group.add_argument("--seed", type=int, default=0, help="seed for splits, masking, shuffling and initialisation")
-
-
-def build_options(args):
-    from ..data.build import BuildOptions
-
-    return BuildOptions(
-        min_length=args.min_length,
-        max_resolution=args.max_resolution,
-        max_unknown_fraction=args.max_unknown_fraction,
-        validation_fraction=args.validation_fraction,
-        test_fraction=args.test_fraction,
-        cluster_file=args.cluster_file,
-        seed=args.seed,
-        max_file_mb=args.max_file_mb,
-    )
+def length_or_off(text: str) -> int | None:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of residues, or 0 for no cropping; got {text}")
+    return value or None
 
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
@@ -139,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model_name_or_path", default=None,
                        help="start from a saved protmask model folder, e.g. converted ProteinMPNN weights, to "
                             "fine-tune it (then the architecture flags are ignored)")
+    model.add_argument("--torch_compile", action="store_true",
+                       help="compile the model with torch.compile (first steps slower, later ones faster on GPU)")
     model.add_argument("--gradient_checkpointing", action="store_true",
                        help="recompute layer activations in the backward pass: less memory, ~20-35%% slower")
 
@@ -147,17 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch_size", type=positive_int, default=8,
                        help="examples per device per step (global batch = this × processes × accumulation)")
     train.add_argument("--max_tokens_per_batch", type=positive_int, default=None,
-                       help="padded-token budget per device per step, with length-bucketed batches; caps "
-                            "--batch_size examples too when both are given")
-    train.add_argument("--max_length", type=positive_int, default=None,
-                       help="crop longer examples to this many residues (a contiguous window; a spatial crop "
-                            "for complexes)")
+                       help="padded-residue budget per device per step instead of --batch_size examples, with "
+                            "length-bucketed batches")
+    train.add_argument("--max_length", type=length_or_off, default=DEFAULT_MAX_LENGTH,
+                       help="crop longer examples to this many residues (a contiguous window of a chain; a spatial "
+                            "crop of a complex); 0 turns cropping off. With the defaults no batch holds more than "
+                            f"--batch_size × this = {8 * DEFAULT_MAX_LENGTH} padded residues per device, which "
+                            f"trains the default model in about {DEFAULT_BATCH_GB} GB (fp32)")
     train.add_argument("--learning_rate", type=float, default=1e-4, help="base learning rate (before scaling)")
     train.add_argument("--lr_scaling", choices=("none", "linear", "sqrt"), default="linear",
                        help="multiply the base LR by the number of processes (linear) or its square root")
     train.add_argument("--lr_scheduler_type", choices=SCHEDULERS, default="constant",
                        help="transformers' get_scheduler type (constant keeps the guide's fixed LR)")
-    train.add_argument("--warmup_steps", type=non_negative_int, default=0, help="LR warm-up, in optimizer steps")
+    train.add_argument("--warmup_steps", type=non_negative_int, default=None,
+                       help="LR warm-up, in optimizer steps (default: 5%% of the run, at most 1000, when LR scaling "
+                            "raises the rate; else none)")
     train.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on biases/norms)")
     train.add_argument("--gradient_accumulation_steps", type=positive_int, default=1,
                        help="batches per optimizer step on each device")

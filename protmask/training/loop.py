@@ -4,10 +4,9 @@ reporting live in their own modules beside this one."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime
+import itertools
 import json
-import math
 import os
 import sys
 import time
@@ -22,7 +21,10 @@ from .checkpointing import (TRAINER_STATE, claim_save_dir, list_checkpoints, run
 from .checks import check_arguments, check_launch, legacy_flags
 from .errors import TrainingError
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch, exit_process
-from .reporting import RunLog, describe_run, model_card
+from .reporting import RunLog, TrainingWindow, describe_run, model_card
+from .schedule import (build_scheduler, carry_schedule_over, effective_learning_rate, plan_steps,  # noqa: F401
+                       warmup_steps)
+from .step import OptimizerStep
 
 
 # -------------------------------------------------------------------------------------------------- setup
@@ -38,7 +40,8 @@ def build_accelerator(args):
         mixed_precision=args.mixed_precision,
         log_with=args.report_to or None,
         project_dir=args.save_dir,
-        dataloader_config=DataLoaderConfiguration(even_batches=True),
+        # non_blocking: host-to-device copies from pinned memory overlap with compute.
+        dataloader_config=DataLoaderConfiguration(even_batches=True, non_blocking=torch.cuda.is_available()),
         # Training collectives: a stalled rank ends the job after this many seconds (the dataset build waits
         # in a group of its own, see load_data).
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.process_group_timeout)),
@@ -62,30 +65,85 @@ def set_cpu_threads(accelerator, args) -> int:
     return threads
 
 
-def load_data(accelerator, args, say):
-    """The main process parses (or finds the cache) while the others wait in a group of their own whose timeout
-    is --dataset_build_timeout, so that training collectives can keep a short --process_group_timeout."""
-    from ..data.build import DatasetBuildError, build_dataset
-    from .arguments import build_options
+def prepare_process(accelerator, args) -> int:
+    """Per-process settings before any tensor is made; returns the CPU threads per process."""
+    from accelerate.utils import set_seed
 
-    def build(force):
-        return build_dataset(args.pdb_path, args.cache_dir, build_options(args), num_proc=args.num_proc, force=force,
-                             log=say if accelerator.is_main_process else (lambda *a: None))
+    legacy_flags(args, accelerator.print)
+    check_launch(accelerator.num_processes)
+    if accelerator.device.type == "cpu":
+        tune_cpu_allocator()  # a CPU-only gain (see runtime.py); GPU jobs keep glibc's defaults
+    elif accelerator.device.type == "cuda" and torch.cuda.get_device_capability(accelerator.device)[0] >= 8:
+        # TF32 matmuls on Ampere and later: the fp32 path's tensor cores, ~1e-3 relative error.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    # seed + rank: each rank draws its own dropout and backbone noise. Masks do not use these generators
+    # (they are a function of seed, epoch and example), and DDP gives every rank rank 0's initial weights.
+    set_seed(args.seed, device_specific=True)
+    return set_cpu_threads(accelerator, args)
 
-    outcome = [None]
+
+def claim_run(accelerator, args, model):
+    """Define the run and check it against --save_dir and the checkpoint, before any long work."""
+    from ..data.build import DatasetBuildError, dataset_fingerprint
+    from ..data.arguments import build_options
+
+    try:
+        fingerprint = dataset_fingerprint(args.pdb_path, build_options(args))
+    except DatasetBuildError as error:
+        raise TrainingError(str(error)) from None
+    definition = run_definition(args, accelerator.num_processes, fingerprint, model.config)
+    resume_path, run = agreed(accelerator, lambda: claim_save_dir(args, definition, accelerator.print))
+    if args.resume_from_checkpoint == "latest" and resume_path is None:
+        accelerator.print(f"--resume_from_checkpoint latest: no complete checkpoint of this run in {args.save_dir} "
+                          "yet; starting from scratch.")
     if accelerator.is_main_process:
+        write_json_atomically(Path(args.save_dir) / "run.json", run)
+    return resume_path, run
+
+
+def check_hub(accelerator, args):
+    if not (args.push_to_hub and accelerator.is_main_process):
+        return None
+    from ..hub import HubTarget
+
+    return HubTarget.check(args.hub_model_id, accelerator.print)  # says at START when the hub cannot be reached
+
+
+def start_trackers(accelerator, args) -> None:
+    if args.report_to:
+        config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
+        accelerator.init_trackers("protmask", config=config)  # TensorBoard: <save_dir>/protmask
+
+
+def load_data(accelerator, args, say):
+    """The dataset, built once per machine: each machine's first process builds (or finds the cache) while the
+    others wait in a group of their own, whose timeout is --dataset_build_timeout, so that training
+    collectives can keep a short --process_group_timeout. Machines sharing --cache_dir build it once (the
+    build holds a lock and later ones reuse it); node-local --cache_dir folders each get their own copy."""
+    from ..data.build import DatasetBuildError, build_dataset
+    from ..data.arguments import build_options
+
+    def build(force, log):
+        return build_dataset(args.pdb_path, args.cache_dir, build_options(args), num_proc=args.num_proc, force=force,
+                             log=log)
+
+    outcome, result = "ok", None
+    if accelerator.is_local_main_process:
         try:
-            result = build(force=args.rebuild_dataset)
-            outcome[0] = "ok"
+            result = build(force=args.rebuild_dataset, log=say if accelerator.is_main_process else print)
         except DatasetBuildError as error:
-            outcome[0] = str(error)
+            outcome = str(error)
+    outcomes = [outcome]
     if accelerator.num_processes > 1:
-        torch.distributed.broadcast_object_list(outcome, src=0, group=long_wait_group(args))
-    if outcome[0] != "ok":
-        raise TrainingError(outcome[0])
-    if not accelerator.is_main_process:
+        outcomes = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(outcomes, outcome, group=long_wait_group(args))
+    failed = [o for o in outcomes if o != "ok"]
+    if failed:
+        raise TrainingError(failed[0])
+    if result is None:
         try:
-            result = build(force=False)  # the main process's build (or this machine's own copy of it)
+            result = build(force=False, log=lambda *a: None)  # this machine's build, just made
         except DatasetBuildError as error:
             raise TrainingError(str(error)) from None
     return result
@@ -154,6 +212,7 @@ def make_loaders(accelerator, args, dataset, tokenizer):
     validation_sampler = LengthBucketBatchSampler(validation_lengths, shuffle=False, seed=args.seed,
                                                   num_replicas=accelerator.num_processes, **validation_budget)
     loader_options = dict(num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=args.num_workers > 0,  # not re-forked every epoch and validation
                           # A private generator: creating loader iterators must not draw from the global RNG,
                           # or a resumed run's dropout would differ from an uninterrupted one.
                           generator=torch.Generator().manual_seed(args.seed))
@@ -165,9 +224,12 @@ def make_loaders(accelerator, args, dataset, tokenizer):
     return train_loader, validation_loader, train_sampler
 
 
-def build_model(args, tokenizer):
-    from ..models import ProtMaskConfig, ProtMaskForMaskedLM
+def build_model(args):
+    """(tokenizer, model): a new model from the architecture flags, or a saved folder to fine-tune."""
+    from ..models import ProtMaskConfig, ProtMaskForMaskedLM, ProtMaskTokenizer
 
+    tokenizer = (ProtMaskTokenizer.from_pretrained(args.model_name_or_path) if args.model_name_or_path
+                 else ProtMaskTokenizer())
     if args.model_name_or_path:
         model = ProtMaskForMaskedLM.from_pretrained(args.model_name_or_path, dtype=torch.float32)
         model.config.mask_ratio, model.config.mask_ratio_max = args.mask_ratio, args.mask_ratio_max
@@ -186,54 +248,45 @@ def build_model(args, tokenizer):
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     model.train()
-    return model
+    if args.torch_compile:
+        model = torch.compile(model)
+    return tokenizer, model
 
 
-def build_optimizer(model, args, learning_rate):
+def build_optimizer(model, args, learning_rate, device):
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         (no_decay if parameter.ndim < 2 or "norm" in name else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate)
+    # Fused AdamW: one kernel for all parameters on CUDA; elsewhere PyTorch's default (foreach) path.
+    return torch.optim.AdamW(groups, lr=learning_rate, fused=device.type == "cuda" or None)
 
 
-# --------------------------------------------------------------------------------------------- schedule
+# --------------------------------------------------------------------------------------------- resume
 
-def effective_learning_rate(args, num_processes: int) -> float:
-    factor = {"none": 1.0, "linear": float(num_processes), "sqrt": math.sqrt(num_processes)}[args.lr_scaling]
-    return args.learning_rate * factor
+def restore(accelerator, args, resume_path, state: dict, scheduler, optimizer, learning_rate: float) -> None:
+    """Load the checkpoint; on another number of processes, carry the schedule over and seed afresh."""
+    from accelerate.utils import set_seed
 
-
-def plan_steps(args, train_sampler, state: dict, num_processes: int) -> tuple[int, int]:
-    """(steps per epoch, steps in all), in optimizer steps. A run continued on another number of processes
-    counts its remaining steps at the new number, so the schedule ends where the data does."""
-    per_step = num_processes * args.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(train_sampler.plan(0, per_step)) / per_step)
-    if args.max_train_steps:
-        return steps_per_epoch, args.max_train_steps
-    if state["global_step"] == 0 or state.get("world_size", num_processes) == num_processes:
-        return steps_per_epoch, args.epochs * steps_per_epoch
-    remaining = len(train_sampler.plan(state["epoch"], state["epoch_group_size"])) - state["epoch_offset"]
-    return steps_per_epoch, (state["global_step"] + math.ceil(max(remaining, 0) / per_step)
-                             + max(args.epochs - state["epoch"] - 1, 0) * steps_per_epoch)
-
-
-def carry_schedule_over(scheduler, optimizer, global_step: int, num_processes: int, learning_rate: float) -> None:
-    """After loading a checkpoint written by another number of processes: the scheduler counted steps × the old
-    number (Accelerate steps it once per process) from the old scaled rate. Put it at this run's position and
-    rate. transformers' schedulers are all LambdaLR."""
-    inner = scheduler.scheduler
-    inner.base_lrs = [learning_rate for _ in inner.base_lrs]
-    inner.last_epoch = global_step * num_processes
-    rates = [base * rule(inner.last_epoch) for base, rule in zip(inner.base_lrs, inner.lr_lambdas)]
-    for group, rate in zip(optimizer.param_groups, rates):
-        group["initial_lr"], group["lr"] = learning_rate, rate
-    inner._last_lr = rates
+    accelerator.load_state(str(resume_path))
+    if state["world_size"] != accelerator.num_processes:
+        carry_schedule_over(scheduler, optimizer, state["global_step"], accelerator.num_processes, learning_rate)
+        # Per-rank random states cannot be mapped onto another number of ranks: seed them afresh.
+        set_seed(args.seed + state["global_step"], device_specific=True)
+        accelerator.print(
+            f"--allow_world_size_change: continuing a {state['world_size']}-process run on {accelerator.num_processes}; "
+            f"learning rate now {scheduler.get_last_lr()[0]:.3g}, random state re-seeded (the result will differ "
+            "from a run that kept its processes)")
+    state["world_size"] = accelerator.num_processes
+    accelerator.print(f"resumed from {resume_path}: step {state['global_step']}, epoch {state['epoch']}, "
+                      f"batch {state['epoch_offset']} of that epoch")
+    accelerator.wait_for_everyone()
 
 
-def initial_state(resume_path, run: dict, num_processes: int, group_size: int) -> dict:
+def initial_state(resume_path, run: dict, train_sampler, num_processes: int, accumulation: int) -> dict:
     """The trainer state a run starts from: fresh, or the checkpoint's (older checkpoints counted batches per
     rank; the offset into the epoch is now counted in the epoch's global batches)."""
+    group_size = num_processes * accumulation
     state = {"global_step": 0, "epoch": 0, "epoch_offset": 0, "epoch_group_size": group_size,
              "best_validation_loss": None, "skipped_nonfinite_steps": 0}
     if resume_path is not None:
@@ -244,6 +297,8 @@ def initial_state(resume_path, run: dict, num_processes: int, group_size: int) -
         state.update(saved)
     state.update(run_id=run["run_id"], definition=run["definition"])
     state.setdefault("world_size", num_processes)
+    if state["epoch_offset"] >= len(train_sampler.plan(state["epoch"], state["epoch_group_size"])):
+        state.update(epoch=state["epoch"] + 1, epoch_offset=0, epoch_group_size=group_size)  # saved at its end
     return state
 
 
@@ -282,234 +337,169 @@ def parameters_in_sync(accelerator, model) -> bool:
 
 # --------------------------------------------------------------------------------------------- the loop
 
-def train(args) -> dict:
-    """Train from parsed arguments; returns the final validation metrics."""
-    import datasets
-    import transformers
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
+def micro_batch_groups(loader, accumulation: int):
+    """(the micro-batches of one optimizer step, seconds spent waiting for them), until the loader is done."""
+    iterator = iter(loader)
+    while True:
+        group, started = [], time.perf_counter()
+        for batch in itertools.islice(iterator, accumulation):
+            group.append(batch)
+        if not group:
+            return
+        yield group, time.perf_counter() - started
 
-    from ..data.build import DatasetBuildError, dataset_fingerprint
-    from ..models import ProtMaskTokenizer, masked_lm_loss
-    from .arguments import build_options
 
-    tune_cpu_allocator()
-    transformers.utils.logging.disable_progress_bar()  # one progress bar: ours
-    datasets.disable_progress_bars()
-    check_arguments(args)
-    preemption = PreemptionWatch().install()
-    accelerator = build_accelerator(args)
-    say = accelerator.print
-    legacy_flags(args, say)
-    check_launch(accelerator.num_processes)
-    threads = set_cpu_threads(accelerator, args)
-    set_seed(args.seed)
-    save_dir = Path(args.save_dir)
+class Validation:
+    """Validation at a step (once per step at most): log it, keep the best model, remember the numbers."""
 
-    # What defines this run, checked against --save_dir and the checkpoint before any long work.
-    tokenizer = (ProtMaskTokenizer.from_pretrained(args.model_name_or_path) if args.model_name_or_path
-                 else ProtMaskTokenizer())
-    model = build_model(args, tokenizer)
-    try:
-        fingerprint = dataset_fingerprint(args.pdb_path, build_options(args))
-    except DatasetBuildError as error:
-        raise TrainingError(str(error)) from None
-    definition = run_definition(args, accelerator.num_processes, fingerprint, model.config)
-    resume_path, run = agreed(accelerator, lambda: claim_save_dir(args, definition, say))
-    if args.resume_from_checkpoint == "latest" and resume_path is None:
-        say(f"--resume_from_checkpoint latest: no complete checkpoint of this run in {save_dir} yet; starting from scratch.")
-    if accelerator.is_main_process:
-        write_json_atomically(save_dir / "run.json", run)
+    def __init__(self, accelerator, args, model, loader, tokenizer, log, has_examples: bool):
+        self.accelerator, self.args, self.model, self.loader = accelerator, args, model, loader
+        self.tokenizer, self.log, self.has_examples = tokenizer, log, has_examples
+        self.label_smoothing = accelerator.unwrap_model(model).config.label_smoothing
+        self.last, self.done_at = {}, None
 
-    hub = None
-    if args.push_to_hub and accelerator.is_main_process:
-        from ..hub import HubTarget
-
-        hub = HubTarget.check(args.hub_model_id, say)  # says at START when the hub cannot be reached
-
-    # Data, and where in it this run starts.
-    built = load_data(accelerator, args, say)
-    train_loader, validation_loader, train_sampler = make_loaders(accelerator, args, built.dataset, tokenizer)
-    group_size = accelerator.num_processes * args.gradient_accumulation_steps
-    state = initial_state(resume_path, run, accelerator.num_processes, group_size)
-    if state["epoch_offset"] >= len(train_sampler.plan(state["epoch"], state["epoch_group_size"])):
-        state.update(epoch=state["epoch"] + 1, epoch_offset=0, epoch_group_size=group_size)
-
-    # Optimizer and schedule. Accelerate's prepared scheduler steps once per process per optimizer step, so
-    # warm-up and total are given in those units to get the curve asked for in optimizer steps.
-    learning_rate = effective_learning_rate(args, accelerator.num_processes)
-    optimizer = build_optimizer(model, args, learning_rate)
-    steps_per_epoch, max_train_steps = plan_steps(args, train_sampler, state, accelerator.num_processes)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
-                              num_warmup_steps=args.warmup_steps * accelerator.num_processes,
-                              num_training_steps=max_train_steps * accelerator.num_processes)
-    model, optimizer, train_loader, validation_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, validation_loader, scheduler)
-
-    if args.report_to:
-        tracker_config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()}
-        accelerator.init_trackers("protmask", config=tracker_config)  # TensorBoard: <save_dir>/protmask
-    say(describe_run(accelerator, args, built, threads, learning_rate, steps_per_epoch, max_train_steps, model))
-
-    if resume_path is not None:
-        accelerator.load_state(str(resume_path))
-        if state["world_size"] != accelerator.num_processes:
-            carry_schedule_over(scheduler, optimizer, state["global_step"], accelerator.num_processes, learning_rate)
-            # Per-rank random states cannot be mapped onto another number of ranks: seed them afresh.
-            set_seed(args.seed + state["global_step"], device_specific=True)
-            say(f"--allow_world_size_change: continuing a {state['world_size']}-process run on "
-                f"{accelerator.num_processes}; learning rate now {scheduler.get_last_lr()[0]:.3g}, random state "
-                "re-seeded (the result will differ from a run that kept its processes)")
-        state["world_size"] = accelerator.num_processes
-        say(f"resumed from {resume_path}: step {state['global_step']}, epoch {state['epoch']}, "
-            f"batch {state['epoch_offset']} of that epoch")
-    accelerator.wait_for_everyone()
-
-    log = RunLog(accelerator, save_dir)
-    if resume_path is not None:
-        log.forget_after(state["global_step"])
-    network = accelerator.unwrap_model(model)
-    label_smoothing = network.config.label_smoothing
-    progress = tqdm(total=max_train_steps, initial=state["global_step"], disable=not accelerator.is_local_main_process,
-                    desc="training", dynamic_ncols=True)
-    consecutive_nonfinite = 0
-    window = {"loss_sum": 0.0, "tokens": 0, "correct": 0, "residues": 0, "seconds": 0.0, "waiting": 0.0, "steps": 0}
-    last_validation = {}
-
-    has_validation = len(built.dataset["validation"]) > 0
-    validated_at = None
-
-    def validate(epoch):
-        nonlocal last_validation, validated_at
-        if not has_validation or validated_at == state["global_step"]:
-            return last_validation
-        validated_at = state["global_step"]
-        metrics = evaluate(accelerator, model, validation_loader, label_smoothing)
+    def __call__(self, state: dict, epoch: int) -> dict:
+        if not self.has_examples or self.done_at == state["global_step"]:
+            return self.last
+        self.done_at = state["global_step"]
+        metrics = evaluate(self.accelerator, self.model, self.loader, self.label_smoothing)
         record = {"step": state["global_step"], "epoch": epoch, "split": "validation", **metrics}
-        log.write(record)
-        say(f"validation at step {state['global_step']}: loss {metrics['loss']:.4f}, perplexity "
+        self.log.write(record)
+        self.accelerator.print(
+            f"validation at step {state['global_step']}: loss {metrics['loss']:.4f}, perplexity "
             f"{metrics['perplexity']:.2f}, accuracy {metrics['accuracy']:.3f}, recovery {metrics['recovery']:.3f} "
             f"({metrics['tokens']} masked residues, {metrics['chains']} chains)")
         if state["best_validation_loss"] is None or metrics["loss"] < state["best_validation_loss"]:
             state["best_validation_loss"] = metrics["loss"]
-            save_model(accelerator, model, tokenizer, save_dir / "best", model_card(args, accelerator, record, "best"))
-        last_validation = metrics
+            save_model(self.accelerator, self.model, self.tokenizer, Path(self.args.save_dir) / "best",
+                       model_card(self.args, self.accelerator, record, "best"))
+        self.last = metrics
         return metrics
 
-    with progress:  # closed before an error is printed, so the message gets a line of its own
-        finished = state["global_step"] >= max_train_steps
-        epoch = state["epoch"]
-        while not finished and (args.max_train_steps or epoch < args.epochs):
-            state["epoch"] = epoch
-            if state["epoch_offset"] == 0:
-                state["epoch_group_size"] = group_size
-            train_sampler.resume_epoch(epoch, state["epoch_offset"], state["epoch_group_size"])
-            train_loader.set_epoch(epoch)
-            iterator = iter(train_loader)
-            exhausted = False
-            while not exhausted and not finished:
-                step_started = time.perf_counter()
-                group, waiting = [], 0.0
-                for _ in range(args.gradient_accumulation_steps):
-                    fetch_started = time.perf_counter()
-                    try:
-                        group.append(next(iterator))
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    finally:
-                        waiting += time.perf_counter() - fetch_started
-                if not group:
-                    break
-                # The loss is the mean over the masked residues of the whole global batch: count them on every
-                # rank first, so that neither batch boundaries nor accumulation change what is averaged.
-                local_tokens = sum(int((b["labels"] != -100).sum()) for b in group)
-                global_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
-                loss_sum, correct, residues = 0.0, 0, 0
-                for index, batch in enumerate(group):
-                    sync = index == len(group) - 1
-                    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                        summed = masked_lm_loss(logits, batch["labels"], label_smoothing, reduction="sum")
-                        # DDP averages gradients over ranks; the factor undoes that to get a global-token mean.
-                        accelerator.backward(summed * accelerator.num_processes / max(global_tokens, 1))
-                    loss_sum += float(summed.detach())
-                    scored = batch["labels"] != -100
-                    correct += int((logits.detach().argmax(-1)[scored] == batch["labels"][scored]).sum())
-                    residues += int(batch["attention_mask"].sum())
-                totals = accelerator.reduce(torch.tensor([loss_sum, correct, residues, 0.0 if math.isfinite(loss_sum) else 1.0,
-                                                          float(preemption.requested)],
-                                                         dtype=torch.float64, device=accelerator.device), "sum")
-                if totals[3] > 0:  # non-finite on some rank: every rank skips this step alike
-                    optimizer.zero_grad(set_to_none=True)
-                    consecutive_nonfinite += 1
-                    state["skipped_nonfinite_steps"] += 1
-                    say(f"step {state['global_step'] + 1}: non-finite loss, step skipped "
-                        f"({consecutive_nonfinite} in a row, {state['skipped_nonfinite_steps']} in all)")
-                    if consecutive_nonfinite >= args.max_nonfinite_steps:
-                        raise TrainingError(
-                            f"{consecutive_nonfinite} consecutive steps had a non-finite loss; stopping. Lower "
-                            "--learning_rate, keep --max_grad_norm on, or try --mixed_precision bf16/no instead of fp16.")
-                else:
-                    consecutive_nonfinite = 0
-                    if args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+
+def preempt(accelerator, args, state: dict, preemption) -> None:
+    """Some rank was signalled: every rank checkpoints this same step and stops, status 75."""
+    path = save_checkpoint(accelerator, args, dict(state))
+    accelerator.print(f"preempted: checkpoint of step {state['global_step']} in {path}; continue the run with "
+                      f"--resume_from_checkpoint latest (exit status {PREEMPTED_EXIT_CODE})")
+    accelerator.end_training()
+    if accelerator.num_processes > 1:
+        exit_process(PREEMPTED_EXIT_CODE)
+    preemption.uninstall()
+    raise Preempted(str(path))
+
+
+def train(args) -> dict:
+    """Train from parsed arguments; returns the final validation metrics."""
+    from tqdm.auto import tqdm
+
+    check_arguments(args)
+    preemption = PreemptionWatch().install()
+    accelerator = build_accelerator(args)
+    say = accelerator.print
+    threads = prepare_process(accelerator, args)
+    tokenizer, model = build_model(args)
+    resume_path, run = claim_run(accelerator, args, model)
+    hub = check_hub(accelerator, args)
+
+    built = load_data(accelerator, args, say)
+    train_loader, validation_loader, train_sampler = make_loaders(accelerator, args, built.dataset, tokenizer)
+    state = initial_state(resume_path, run, train_sampler, accelerator.num_processes, args.gradient_accumulation_steps)
+    learning_rate = effective_learning_rate(args, accelerator.num_processes)
+    optimizer = build_optimizer(model, args, learning_rate, accelerator.device)
+    steps_per_epoch, max_train_steps = plan_steps(args, train_sampler, state, accelerator.num_processes)
+    scheduler = build_scheduler(args, optimizer, max_train_steps, accelerator.num_processes)
+    model, optimizer, train_loader, validation_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, validation_loader, scheduler)
+    start_trackers(accelerator, args)
+    say(describe_run(accelerator, args, built, threads, learning_rate, steps_per_epoch, max_train_steps, model))
+    if resume_path is not None:
+        restore(accelerator, args, resume_path, state, scheduler, optimizer, learning_rate)
+
+    log = RunLog(accelerator, Path(args.save_dir), forget_after=state["global_step"] if resume_path else None)
+    step = OptimizerStep(accelerator, model, optimizer, scheduler, accelerator.unwrap_model(model).config.label_smoothing,
+                         args.max_grad_norm)
+    validate = Validation(accelerator, args, model, validation_loader, tokenizer, log,
+                          has_examples=len(built.dataset["validation"]) > 0)
+    window = TrainingWindow()
+    finished = state["global_step"] >= max_train_steps
+    with tqdm(total=max_train_steps, initial=state["global_step"], disable=not accelerator.is_local_main_process,
+              desc="training", dynamic_ncols=True) as progress:
+        while not finished and (args.max_train_steps or state["epoch"] < args.epochs):
+            epoch = state["epoch"]
+            start_epoch(train_loader, train_sampler, state, accelerator.num_processes * args.gradient_accumulation_steps)
+            for group, waiting in micro_batch_groups(train_loader, args.gradient_accumulation_steps):
+                started = time.perf_counter()
+                numbers = step(group, preemption.requested)
                 state["global_step"] += 1
                 state["epoch_offset"] += len(group) * accelerator.num_processes
+                count_nonfinite(state, numbers, args, say)
+                window.add(numbers, time.perf_counter() - started + waiting, waiting)
                 progress.update(1)
-
-                seconds = time.perf_counter() - step_started
-                window["loss_sum"] += float(totals[0]) if totals[3] == 0 else 0.0
-                window["tokens"] += global_tokens if totals[3] == 0 else 0
-                window["correct"] += int(totals[1])
-                window["residues"] += int(totals[2])
-                window["seconds"] += seconds
-                window["waiting"] += waiting
-                window["steps"] += 1
-                if state["global_step"] % args.logging_steps == 0 or state["global_step"] == max_train_steps:
-                    loss = window["loss_sum"] / max(window["tokens"], 1)
-                    record = {
-                        "step": state["global_step"], "epoch": epoch, "split": "train", "loss": loss,
-                        "perplexity": math.exp(min(loss, 50.0)), "accuracy": window["correct"] / max(window["tokens"], 1),
-                        "learning_rate": scheduler.get_last_lr()[0],
-                        "residues": window["residues"], "seconds": window["seconds"],
-                        "residues_per_s": window["residues"] / max(window["seconds"], 1e-9),
-                        "data_wait_fraction": window["waiting"] / max(window["seconds"], 1e-9),
-                        "skipped_nonfinite_steps": state["skipped_nonfinite_steps"],
-                    }
-                    log.write(record)
-                    progress.set_postfix(loss=f"{loss:.3f}", lr=f"{record['learning_rate']:.2e}",
-                                         res_per_s=f"{record['residues_per_s']:.0f}")
-                    window = dict.fromkeys(window, 0) | {"loss_sum": 0.0, "seconds": 0.0, "waiting": 0.0}
-
                 finished = state["global_step"] >= max_train_steps
-                if totals[4] > 0 and not finished:  # some rank was signalled: all stop after this same step
-                    path = save_checkpoint(accelerator, args, dict(state))
-                    say(f"preempted: checkpoint of step {state['global_step']} in {path}; continue the run with "
-                        f"--resume_from_checkpoint latest (exit status {PREEMPTED_EXIT_CODE})")
-                    accelerator.end_training()
-                    if accelerator.num_processes > 1:
-                        exit_process(PREEMPTED_EXIT_CODE)
-                    preemption.uninstall()
-                    raise Preempted(str(path))
+                if state["global_step"] % args.logging_steps == 0 or finished:
+                    record = window.record(state["global_step"], epoch, numbers.learning_rate, state)
+                    log.write(record)
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['learning_rate']:.2e}",
+                                         res_per_s=f"{record['residues_per_s']:.0f}")
+                if numbers.preempted and not finished:
+                    preempt(accelerator, args, state, preemption)
                 if args.eval_steps and state["global_step"] % args.eval_steps == 0:
-                    validate(epoch)
-                if isinstance(args.checkpointing_steps, int) and state["global_step"] % args.checkpointing_steps == 0 \
-                        and not finished:
+                    validate(state, epoch)
+                if checkpoint_due(args, state) and not finished:
                     save_checkpoint(accelerator, args, dict(state))
-            if exhausted:  # a whole epoch: validate, and checkpoint when asked per epoch
-                state["epoch"], state["epoch_offset"] = epoch + 1, 0
-                validate(epoch)
+                if finished:
+                    break
+            else:  # the whole epoch: validate, and checkpoint when asked per epoch
+                state.update(epoch=epoch + 1, epoch_offset=0)
+                validate(state, epoch)
                 if args.checkpointing_steps == "epoch" and not finished:
                     save_checkpoint(accelerator, args, dict(state))
-            epoch += 1
 
-    # The end: a resumable checkpoint (a later run may continue with a larger --max_train_steps), the model.
-    validate(state["epoch"])
+    validate(state, state["epoch"])
+    final_metrics = finish(accelerator, args, model, tokenizer, state, validate.last)
+    if hub is not None:  # after the last collective: an upload may take longer than --process_group_timeout
+        hub.push(Path(args.save_dir) / "final", say)
+    if accelerator.num_processes > 1:
+        # Everything is saved and every rank passed the last barrier. Tearing down DDP and gloo objects when
+        # this frame unwinds has deadlocked a rank now and then (a native mutex, seen once in ~30 2-rank runs),
+        # leaving the launcher waiting; exit as torchrun expects instead: flushed, status 0.
+        exit_process(0)
+    preemption.uninstall()
+    return final_metrics
+
+
+def count_nonfinite(state: dict, numbers, args, say) -> None:
+    """A non-finite loss on any rank skipped the step on every rank; too many in a row stop the run."""
+    if not numbers.nonfinite:
+        state["consecutive_nonfinite"] = 0
+        return
+    state["consecutive_nonfinite"] = state.get("consecutive_nonfinite", 0) + 1
+    state["skipped_nonfinite_steps"] += 1
+    say(f"step {state['global_step']}: non-finite loss, step skipped ({state['consecutive_nonfinite']} in a row, "
+        f"{state['skipped_nonfinite_steps']} in all)")
+    if state["consecutive_nonfinite"] >= args.max_nonfinite_steps:
+        raise TrainingError(
+            f"{state['consecutive_nonfinite']} consecutive steps had a non-finite loss; stopping. Lower "
+            "--learning_rate, keep --max_grad_norm on, or try --mixed_precision bf16/no instead of fp16.")
+
+
+def checkpoint_due(args, state: dict) -> bool:
+    return isinstance(args.checkpointing_steps, int) and state["global_step"] % args.checkpointing_steps == 0
+
+
+def start_epoch(train_loader, train_sampler, state: dict, group_size: int) -> None:
+    """Point the sampler at this epoch, from where a resumed run left it, in the epoch's own batch order."""
+    if state["epoch_offset"] == 0:
+        state["epoch_group_size"] = group_size
+    train_sampler.resume_epoch(state["epoch"], state["epoch_offset"], state["epoch_group_size"])
+    train_loader.set_epoch(state["epoch"])
+
+
+def finish(accelerator, args, model, tokenizer, state: dict, last_validation: dict) -> dict:
+    """A resumable checkpoint (a later run may continue with a larger --max_train_steps), final/ with its
+    model card and curves, final_metrics.json."""
+    save_dir = Path(args.save_dir)
     save_checkpoint(accelerator, args, dict(state))
     final_metrics = {"global_step": state["global_step"], "ranks": accelerator.num_processes,
                      "ranks_in_sync": parameters_in_sync(accelerator, model),
@@ -522,24 +512,16 @@ def train(args) -> dict:
 
             plots.append(plot_run(save_dir))
         except ImportError:
-            say("matplotlib is not installed: no training_curves.png (pip install 'protmask[plot]')")
+            accelerator.print("matplotlib is not installed: no training_curves.png (pip install 'protmask[plot]')")
     save_model(accelerator, model, tokenizer, save_dir / "final",
                model_card(args, accelerator, final_metrics, "final", with_plot=bool(plots)), plots)
     if accelerator.is_main_process:
         write_json_atomically(save_dir / "final_metrics.json", final_metrics)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    say(f"done: {state['global_step']} steps; model in {save_dir / 'final'}"
-        + (f", best validation loss {state['best_validation_loss']:.4f} in {save_dir / 'best'}"
-           if state["best_validation_loss"] is not None else ""))
-    if hub is not None:  # after the last collective: an upload may take longer than --process_group_timeout
-        hub.push(save_dir / "final", say)
-    if accelerator.num_processes > 1:
-        # Everything is saved and every rank passed the last barrier. Tearing down DDP and gloo objects when
-        # this frame unwinds has deadlocked a rank now and then (a native mutex, seen once in ~30 2-rank runs),
-        # leaving the launcher waiting; exit as torchrun expects instead: flushed, status 0.
-        exit_process(0)
-    preemption.uninstall()
+    accelerator.print(f"done: {state['global_step']} steps; model in {save_dir / 'final'}"
+                      + (f", best validation loss {state['best_validation_loss']:.4f} in {save_dir / 'best'}"
+                         if state["best_validation_loss"] is not None else ""))
     return final_metrics
 
 

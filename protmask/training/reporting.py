@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -10,9 +11,11 @@ from pathlib import Path
 class RunLog:
     """metrics.jsonl, trackers and the console, on the main process only."""
 
-    def __init__(self, accelerator, save_dir: Path):
+    def __init__(self, accelerator, save_dir: Path, forget_after: int | None = None):
         self.accelerator = accelerator
         self.path = save_dir / "metrics.jsonl"
+        if forget_after is not None:
+            self.forget_after(forget_after)
 
     def forget_after(self, step: int) -> None:
         """A resumed run replays the steps after its checkpoint: drop their records, so none appears twice."""
@@ -33,6 +36,38 @@ class RunLog:
                    if isinstance(v, (int, float)) and k not in ("step", "split")}
         if self.accelerator.trackers:
             self.accelerator.log(numbers, step=record["step"])
+
+
+class TrainingWindow:
+    """Training numbers summed between two log records."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum, self.tokens, self.correct, self.residues, self.seconds, self.waiting = 0.0, 0, 0, 0, 0.0, 0.0
+
+    def add(self, numbers, seconds: float, waiting: float) -> None:
+        if not numbers.nonfinite:
+            self.loss_sum += numbers.loss_sum
+            self.tokens += numbers.tokens
+        self.correct += numbers.correct
+        self.residues += numbers.residues
+        self.seconds += seconds
+        self.waiting += waiting
+
+    def record(self, step: int, epoch: int, learning_rate: float, state: dict) -> dict:
+        loss = self.loss_sum / max(self.tokens, 1)
+        record = {
+            "step": step, "epoch": epoch, "split": "train", "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "accuracy": self.correct / max(self.tokens, 1), "learning_rate": learning_rate,
+            "residues": self.residues, "seconds": self.seconds,
+            "residues_per_s": self.residues / max(self.seconds, 1e-9),
+            "data_wait_fraction": self.waiting / max(self.seconds, 1e-9),
+            "skipped_nonfinite_steps": state["skipped_nonfinite_steps"],
+        }
+        self.reset()
+        return record
 
 
 def model_card(args, accelerator, metrics: dict, kind: str, with_plot: bool = False) -> str:
@@ -72,7 +107,8 @@ def describe_run(accelerator, args, built, threads: int, learning_rate: float, s
         f"batch per device: {per_device}; global batch: {global_batch} (× {processes} processes × {accumulation} "
         "accumulation)",
         f"learning rate: {args.learning_rate:g} × {learning_rate / args.learning_rate:g} ({args.lr_scaling} scaling over "
-        f"{processes} processes) = {learning_rate:g}; schedule {args.lr_scheduler_type}, {args.warmup_steps} warm-up steps",
+        f"{processes} processes) = {learning_rate:g}; schedule {args.lr_scheduler_type}, {args.warmup_steps_used} "
+        f"warm-up steps{' (the default when scaling raises the rate)' if args.warmup_steps is None and args.warmup_steps_used else ''}",
         f"data: {len(built.dataset['train'])} training / {len(built.dataset['validation'])} validation examples from "
         f"{built.path}; {steps_per_epoch} steps per epoch, {max_train_steps} steps in all",
         f"model: {sum(p.numel() for p in model.parameters()):,} parameters; saving to {args.save_dir}",

@@ -1,0 +1,74 @@
+"""The dataset flags, shared by `protmask build-dataset` and the trainer, and the BuildOptions they make."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from . import SAMPLE_DATA
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("PROTMASK_CACHE") or str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "protmask")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--pdb_path", default=str(SAMPLE_DATA),
+                       help="folder of PDB/mmCIF files (.gz or not, searched recursively), one file, a list file "
+                            "(.txt, one path a line) or a dataset built earlier (default: the shipped sample)")
+    group.add_argument("--cache_dir", default=default_cache_dir(),
+                       help="where built datasets are kept; the same inputs and options reuse the cache "
+                            "(default: $PROTMASK_CACHE or ~/.cache/protmask)")
+    group.add_argument("--num_proc", type=positive_int, default=None,
+                       help="parallel parsing processes for a build (default: all CPU cores)")
+    group.add_argument("--min_length", type=positive_int, default=20,
+                       help="drop chains with fewer residues that have a complete backbone (default: 20)")
+    group.add_argument("--max_resolution", type=float, default=None,
+                       help="drop entries whose stated resolution is worse (larger) than this, in Å; entries "
+                            "with no stated resolution (NMR) are kept (default: no limit)")
+    group.add_argument("--max_unknown_fraction", type=fraction, default=0.5,
+                       help="drop chains where more than this fraction of residues are unknown (X) (default: 0.5)")
+    group.add_argument("--validation_fraction", type=fraction, default=0.1,
+                       help="fraction of entries held out for validation (default: 0.1)")
+    group.add_argument("--test_fraction", type=fraction, default=0.1,
+                       help="fraction of entries held out for testing (default: 0.1)")
+    group.add_argument("--cluster_file", default=None,
+                       help="TSV of chain (1abc_A) → cluster id, or ProteinMPNN's list.csv; whole clusters go to "
+                            "one split. Without it, identical chain sequences stay together")
+    group.add_argument("--max_file_mb", type=positive_int, default=512,
+                       help="refuse (and report) structure files larger than this many MB once inflated; parsing "
+                            "holds several times a file's size in memory")
+    group.add_argument("--rebuild_dataset", action="store_true",
+                       help="build the dataset again even when a cached build matches (e.g. after damage)")
+    group.add_argument("--seed", type=int, default=0, help="seed for splits, masking, shuffling and initialisation")
+
+
+def build_options(args):
+    from .build import BuildOptions
+
+    return BuildOptions(
+        min_length=args.min_length,
+        max_resolution=args.max_resolution,
+        max_unknown_fraction=args.max_unknown_fraction,
+        validation_fraction=args.validation_fraction,
+        test_fraction=args.test_fraction,
+        cluster_file=args.cluster_file,
+        seed=args.seed,
+        max_file_mb=args.max_file_mb,
+    )
