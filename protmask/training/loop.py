@@ -408,11 +408,12 @@ def train(args) -> dict:
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
     optimizer = build_optimizer(model, args, learning_rate, accelerator.device)
     steps_per_epoch, max_train_steps = plan_steps(args, train_sampler, state, accelerator.num_processes)
-    scheduler = build_scheduler(args, optimizer, max_train_steps, accelerator.num_processes)
+    scheduler = build_scheduler(args, optimizer, max_train_steps, accelerator.num_processes, state)
     model, optimizer, train_loader, validation_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, validation_loader, scheduler)
     start_trackers(accelerator, args)
-    say(describe_run(accelerator, args, built, threads, learning_rate, steps_per_epoch, max_train_steps, model))
+    say(describe_run(accelerator, args, built, threads, learning_rate, steps_per_epoch, max_train_steps, model,
+                     state["warmup_steps"]))
     if resume_path is not None:
         restore(accelerator, args, resume_path, state, scheduler, optimizer, learning_rate)
 

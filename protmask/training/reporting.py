@@ -93,7 +93,7 @@ def model_card(args, accelerator, metrics: dict, kind: str, with_plot: bool = Fa
 
 
 def describe_run(accelerator, args, built, threads: int, learning_rate: float, steps_per_epoch: int,
-                 max_train_steps: int, model) -> str:
+                 max_train_steps: int, model, warmup: int) -> str:
     """What the run actually got, printed before training: check this first when something looks wrong."""
     processes, accumulation = accelerator.num_processes, args.gradient_accumulation_steps
     machines = processes // int(os.environ.get("LOCAL_WORLD_SIZE", processes))
@@ -107,8 +107,8 @@ def describe_run(accelerator, args, built, threads: int, learning_rate: float, s
         f"batch per device: {per_device}; global batch: {global_batch} (× {processes} processes × {accumulation} "
         "accumulation)",
         f"learning rate: {args.learning_rate:g} × {learning_rate / args.learning_rate:g} ({args.lr_scaling} scaling over "
-        f"{processes} processes) = {learning_rate:g}; schedule {args.lr_scheduler_type}, {args.warmup_steps_used} "
-        f"warm-up steps{' (the default when scaling raises the rate)' if args.warmup_steps is None and args.warmup_steps_used else ''}",
+        f"{processes} processes) = {learning_rate:g}; schedule {args.lr_scheduler_type}, {warmup} "
+        f"warm-up steps{' (the default when scaling raises the rate)' if args.warmup_steps is None and warmup else ''}",
         f"data: {len(built.dataset['train'])} training / {len(built.dataset['validation'])} validation examples from "
         f"{built.path}; {steps_per_epoch} steps per epoch, {max_train_steps} steps in all",
         f"model: {sum(p.numel() for p in model.parameters()):,} parameters; saving to {args.save_dir}",

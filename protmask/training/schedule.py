@@ -35,14 +35,18 @@ def warmup_steps(args, num_processes: int, max_train_steps: int) -> int:
     return 0
 
 
-def build_scheduler(args, optimizer, max_train_steps: int, num_processes: int):
+def build_scheduler(args, optimizer, max_train_steps: int, num_processes: int, state: dict):
     """transformers' schedule in optimizer steps. Accelerate's prepared scheduler steps once per process per
-    optimizer step, so warm-up and total are given times the processes to get the curve asked for."""
+    optimizer step, so warm-up and total are given times the processes to get the curve asked for. A resumed
+    run keeps the default warm-up its run started with (it depends on the run's length, which may change)."""
     from transformers import get_scheduler
 
-    warmup = warmup_steps(args, num_processes, max_train_steps)
+    if args.warmup_steps is None and state.get("warmup_steps") is not None:
+        warmup = state["warmup_steps"]
+    else:
+        warmup = warmup_steps(args, num_processes, max_train_steps)
+    state["warmup_steps"] = warmup
     kind = "constant_with_warmup" if args.lr_scheduler_type == "constant" and warmup else args.lr_scheduler_type
-    args.warmup_steps_used = warmup
     return get_scheduler(kind, optimizer, num_warmup_steps=warmup * num_processes,
                          num_training_steps=max_train_steps * num_processes)
 
