@@ -1,12 +1,12 @@
 """Peak memory of training with the default flags when the data holds a giant complex.
 
 Builds a folder of 9 ordinary sample structures and one complex of --residues residues (copies of a real
-chain on a grid, bench/common.py), trains one step and a validation with the trainer's default flags (only
---max_train_steps, --num_workers 0 and the folders given), and prints JSON: the peak RSS of the training
-process and what the largest batch held. The second variant turns cropping off (`--max_length 0`) for a
+chain on a grid, bench/common.py), trains the two steps of an epoch (every entry, the giant included) with
+the trainer's default flags (only --max_train_steps, --num_workers 0, no held-out splits and the folders
+given), and prints JSON: the peak RSS of the training process and the batch it was told. The second variant turns cropping off (`--max_length 0`) for a
 complex of --uncropped_residues, to show what the default bound saves.
 
-    python bench/memory.py                       # 20 000 residues with defaults; 3 000 uncropped
+    python bench/memory.py                       # 20 000 residues with defaults; 500 uncropped
     python bench/memory.py --variants default    # only the default-flag run
 """
 
@@ -38,7 +38,7 @@ def run(residues: int, extra: list[str], folder: Path) -> dict:
     written = write_giant_complex(data / "giant.cif", residues)
     command = [sys.executable, str(ROOT / "train_accelerate.py"), "--pdb_path", str(data), "--cache_dir",
                str(folder / "cache"), "--save_dir", str(folder / "run"), "--max_train_steps",
-               "1", "--num_workers", "0", "--validation_fraction", "0", "--test_fraction", "0", *extra]
+               "2", "--num_workers", "0", "--validation_fraction", "0", "--test_fraction", "0", *extra]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -56,7 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--residues", type=int, default=20000)
-    parser.add_argument("--uncropped_residues", type=int, default=3000)
+    parser.add_argument("--uncropped_residues", type=int, default=500)
     parser.add_argument("--variants", default="default,uncropped")
     parser.add_argument("--output")
     args = parser.parse_args()

@@ -20,6 +20,15 @@ from protmask.data.build import (
 quiet = dict(log=lambda *a: None)
 
 
+def five_structures(sample_dir, tmp_path):
+    """A folder with five sample structures (PDB and mmCIF) to build from."""
+    data = tmp_path / "pdb"
+    data.mkdir()
+    for name in ("1a8q.pdb.gz", "1aki.cif.gz", "1p3c.pdb.gz", "2fr2.pdb.gz", "3fh2.pdb.gz"):
+        shutil.copy(sample_dir / name, data / name)
+    return data
+
+
 def chain_sequences(row):
     sequence, start, out = row["sequence"], 0, []
     for length in row["chain_lengths"]:
@@ -66,10 +75,7 @@ def test_sample_builds_with_disjoint_splits(sample_build):
 
 
 def test_cache_reused_and_invalidated(sample_dir, tmp_path):
-    data = tmp_path / "pdb"
-    data.mkdir()
-    for name in ("1a8q.pdb.gz", "1aki.cif.gz", "1p3c.pdb.gz", "2fr2.pdb.gz", "3fh2.pdb.gz"):
-        shutil.copy(sample_dir / name, data / name)
+    data = five_structures(sample_dir, tmp_path)
     cache = tmp_path / "cache"
     first = build_dataset(data, cache, num_proc=1, **quiet)
     assert not first.reused
@@ -165,10 +171,7 @@ def test_symlinked_folders_are_followed_and_unfollowable_paths_reported(sample_d
 
 
 def test_a_damaged_cache_is_detected_and_rebuilt(sample_dir, tmp_path):
-    data = tmp_path / "pdb"
-    data.mkdir()
-    for name in ("1a8q.pdb.gz", "1aki.cif.gz", "1p3c.pdb.gz", "2fr2.pdb.gz", "3fh2.pdb.gz"):
-        shutil.copy(sample_dir / name, data / name)
+    data = five_structures(sample_dir, tmp_path)
     cache = tmp_path / "cache"
     first = build_dataset(data, cache, num_proc=1, **quiet)
     arrow = next((first.path / "train").glob("*.arrow"))
@@ -200,10 +203,7 @@ def test_files_over_the_size_limit_are_refused_and_reported(sample_dir, tmp_path
 
 
 def test_two_forced_builds_at_once_take_turns_and_neither_crashes(sample_dir, tmp_path):
-    data = tmp_path / "pdb"
-    data.mkdir()
-    for name in ("1a8q.pdb.gz", "1aki.cif.gz", "1p3c.pdb.gz", "2fr2.pdb.gz", "3fh2.pdb.gz"):
-        shutil.copy(sample_dir / name, data / name)
+    data = five_structures(sample_dir, tmp_path)
     command = [sys.executable, "-m", "protmask.cli", "build-dataset", "--pdb_path", str(data), "--cache_dir",
                str(tmp_path / "cache"), "--num_proc", "1", "--force"]
     for _ in range(2):

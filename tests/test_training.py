@@ -254,6 +254,8 @@ def test_learning_rate_scaling_rules():
     assert (defaults.epochs, defaults.batch_size, defaults.learning_rate, defaults.hidden_dim, defaults.mask_ratio,
             defaults.num_encoder_layers, defaults.num_decoder_layers, defaults.save_dir, defaults.num_workers) == (
         50, 8, 1e-4, 256, 0.15, 3, 3, "checkpoints", 4)
+    # Safe by default: examples cropped, so a batch holds at most batch_size × 192 residues; 0 turns it off.
+    assert defaults.max_length == 192 and build_parser().parse_args(["--max_length", "0"]).max_length is None
 
 
 def test_fine_tuning_converted_proteinmpnn_on_two_ranks_resumes_exactly(cache, tmp_path):

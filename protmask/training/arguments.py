@@ -14,9 +14,9 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-#: Default crop: 8 examples × 512 residues per device fit an 8 GB-class GPU with the default model in fp32
-#: (measured by bench/memory.py). Giant complexes (10^4-10^5 residues) are cropped spatially.
-DEFAULT_MAX_LENGTH = 512
+#: Default crop: 8 examples × 192 residues (1536 per device) train the default model in fp32 within an 8 GB
+#: GPU (bench/memory.py; about 3 MB per residue). Giant complexes (10^4-10^5 residues) are cropped spatially.
+DEFAULT_MAX_LENGTH = 192
 DEFAULT_BATCH_GB = 6
 
 
