@@ -146,3 +146,22 @@ def test_torch_compile_trains_like_eager(cache, tmp_path):
     assert [r["step"] for r in compiled] == [1, 2, 3]
     for a, b in zip(eager, compiled):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+
+
+def test_gpu_settings_follow_the_device(sample_build):
+    # Fused AdamW where the parameters live on CUDA, PyTorch's default elsewhere; loader workers persist.
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from protmask.models import ProtMaskTokenizer
+    from protmask.training.arguments import build_parser
+    from protmask.training.loop import build_optimizer, make_loaders
+
+    args = build_parser().parse_args(["--num_workers", "2"])
+    assert build_optimizer(tiny(), args, 1e-3, torch.device("cuda")).defaults["fused"] is True
+    assert not build_optimizer(tiny(), args, 1e-3, torch.device("cpu")).defaults["fused"]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train_loader, validation_loader, _ = make_loaders(Accelerator(cpu=True), args, sample_build.dataset,
+                                                      ProtMaskTokenizer())
+    assert train_loader.persistent_workers and validation_loader.persistent_workers
+    assert not train_loader.pin_memory  # pinned (and copied non_blocking) only when CUDA is there

@@ -292,6 +292,8 @@ def save_checkpoint(accelerator, args, state: dict) -> Path:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
+        # Not ProjectConfiguration(total_limit): its automatic naming saves straight into checkpoint_N, while
+        # ours stages and renames (a killed save never looks complete), so the limit is applied here.
         if args.save_total_limit:
             for old in list_checkpoints(save_dir)[: -args.save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -38,7 +38,10 @@ def warmup_steps(args, num_processes: int, max_train_steps: int) -> int:
 def build_scheduler(args, optimizer, max_train_steps: int, num_processes: int, state: dict):
     """transformers' schedule in optimizer steps. Accelerate's prepared scheduler steps once per process per
     optimizer step, so warm-up and total are given times the processes to get the curve asked for. A resumed
-    run keeps the default warm-up its run started with (it depends on the run's length, which may change)."""
+    run keeps the default warm-up its run started with (it depends on the run's length, which may change).
+
+    Why not Accelerator(step_scheduler_with_optimizer=False), which steps once: checkpoints already written
+    count scheduler steps per process, and would resume at the wrong place in their schedule."""
     from transformers import get_scheduler
 
     if args.warmup_steps is None and state.get("warmup_steps") is not None:
