@@ -232,7 +232,7 @@ def test_a_stalled_rank_ends_the_job_within_the_collective_timeout(sample_dir, t
 def test_the_trainer_rebuilds_a_damaged_cache_and_on_request(cache, tmp_path):
     copy = tmp_path / "cache"
     shutil.copytree(cache, copy)
-    built = next(copy.glob("protmask-dataset-*"))
+    (built,) = [p for p in copy.glob("protmask-dataset-*") if p.is_dir()]
     arrow = next((built / "validation").glob("*.arrow"))
     arrow.write_bytes(arrow.read_bytes()[:100])
     damaged = launch(RUN + ["--cache_dir", copy, "--save_dir", tmp_path / "a", "--max_train_steps", "1"])

@@ -503,14 +503,14 @@ def prune_cache(cache_dir, keep: Path, live_keys: set[str], max_bytes: int, log=
     for folder in Path(cache_dir).glob("protmask-dataset-*"):
         if not folder.is_dir() or folder.resolve() == keep.resolve():
             continue
-        with open(folder.parent / f"{folder.name}.lock", "a+") as handle:
+        with open(folder.parent / f".{folder.name}.lock", "a+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
-        (folder.parent / f"{folder.name}.lock").unlink(missing_ok=True)
+        (folder.parent / f".{folder.name}.lock").unlink(missing_ok=True)
     dropped = ParseCache(cache_dir, max_bytes).compact(live_keys)
     log(f"--prune: removed {removed} superseded dataset build(s) and {dropped} stale parse results from {cache_dir}")
 
@@ -528,11 +528,11 @@ def reusable(target: Path, log) -> BuildResult | None:
 
 @contextlib.contextmanager
 def build_lock(target: Path, cache_dir, log):
-    """Hold ``<target>.lock`` while building and publishing: processes that build the same inputs into one
+    """Hold ``.<target>.lock`` while building and publishing: processes that build the same inputs into one
     --cache_dir (ranks of several nodes, two commands) take turns, and the later ones reuse the result."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(target.parent / f"{target.name}.lock", "a+")
+        handle = open(target.parent / f".{target.name}.lock", "a+")
     except OSError as error:
         raise DatasetBuildError(f"cannot write the dataset to --cache_dir {cache_dir} ({error.strerror or error}); "
                                 "give a writable --cache_dir with free space") from None
