@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import functools
 import hashlib
 import json
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..structure import StructureError, is_structure_file, parse_structure
+from ..locking import LockHeld, exclusive_lock
 from .parse_cache import ParseCache, file_key
 
 #: Bump when the row layout or the parsing rules change, so that old caches are rebuilt.
@@ -503,11 +503,11 @@ def prune_cache(cache_dir, keep: Path, live_keys: set[str], max_bytes: int, log=
     for folder in Path(cache_dir).glob("protmask-dataset-*"):
         if not folder.is_dir() or folder.resolve() == keep.resolve():
             continue
-        with open(folder.parent / f".{folder.name}.lock", "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
+        try:
+            handle = exclusive_lock(folder.parent / f".{folder.name}.lock")
+        except LockHeld:
+            continue
+        with handle:
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
         (folder.parent / f".{folder.name}.lock").unlink(missing_ok=True)
@@ -532,21 +532,12 @@ def build_lock(target: Path, cache_dir, log):
     --cache_dir (ranks of several nodes, two commands) take turns, and the later ones reuse the result."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(target.parent / f".{target.name}.lock", "a+")
+        handle = exclusive_lock(target.parent / f".{target.name}.lock", wait=True, on_busy=lambda holder: log(
+            f"waiting for another build of the same dataset ({holder})"))
     except OSError as error:
         raise DatasetBuildError(f"cannot write the dataset to --cache_dir {cache_dir} ({error.strerror or error}); "
                                 "give a writable --cache_dir with free space") from None
     with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            log(f"waiting for another build of the same dataset ({handle.read().strip() or 'another process'})")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
         yield
 
 

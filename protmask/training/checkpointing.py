@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..locking import LockHeld, exclusive_lock
 from .errors import TrainingError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -108,21 +108,11 @@ class SaveDirLock:
         self.handle = None
 
     def acquire(self) -> "SaveDirLock":
-        handle = open(self.path, "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise TrainingError(f"--save_dir {self.path.parent} is in use by another run ({holder}); wait for it "
-                                "to finish, or give this run another --save_dir") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
-                     f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
-        handle.flush()
-        self.handle = handle
+            self.handle = exclusive_lock(self.path)
+        except LockHeld as busy:
+            raise TrainingError(f"--save_dir {self.path.parent} is in use by another run ({busy.holder}); wait for "
+                                "it to finish, or give this run another --save_dir") from None
         return self
 
 
