@@ -291,3 +291,23 @@ def test_autoregressive_objective_scores_every_residue_in_a_seeded_order(sample_
     assert sorted(batch["decoding_rank"][0, :length].tolist()) == list(range(length))
     assert torch.equal(batch["decoding_rank"], processor([chains], mask=True, seeds=[(0, 1)])["decoding_rank"])
     assert not torch.equal(batch["decoding_rank"], processor([chains], mask=True, seeds=[(0, 2)])["decoding_rank"])
+
+
+def test_cpu_dropout_keeps_the_rate_scale_and_seed_of_pytorchs():
+    from protmask.models.modeling_protmask import Dropout
+
+    dropout = Dropout(0.1).train()
+    edges = torch.ones(64, 256, 48, requires_grad=True)
+    torch.manual_seed(5)
+    out = dropout(edges)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.002  # 786 432 draws: 0.9 ± 5 standard deviations
+    assert torch.allclose(out[kept], torch.tensor(65536 / (65536 - round(0.1 * 65536))))
+    out.sum().backward()
+    assert torch.equal(edges.grad, out.detach())  # the gradient passes exactly where the value did
+    torch.manual_seed(5)
+    assert torch.equal(dropout(edges), out)  # seeded: a resumed run repeats it
+    assert torch.equal(dropout.eval()(edges), edges)
+    # The mask is uniform over positions: no lane of the 64-bit words it is cut from is biased.
+    lanes = kept.flatten()[: kept.numel() // 4 * 4].view(-1, 4).float().mean(0)
+    assert (lanes - 0.9).abs().max() < 0.004
