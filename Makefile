@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 # The demo run: small enough for a 2-core CPU in a few minutes, still a usable model in runs/demo/final.
 TRAIN_ARGS ?= --hidden_dim 64 --num_encoder_layers 2 --num_decoder_layers 2 --num_neighbors 24 \
-	--epochs 80 --max_length 256 --max_tokens_per_batch 1024 --learning_rate 1e-3 \
+	--epochs 45 --max_length 256 --max_tokens_per_batch 1024 --learning_rate 1e-3 \
 	--lr_scheduler_type cosine --warmup_steps 30 --num_workers 0 --logging_steps 20 --save_total_limit 2 \
 	--save_dir runs/demo --resume_from_checkpoint latest
 
