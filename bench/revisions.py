@@ -186,7 +186,7 @@ def training_runs(args, trees: dict, scratch: Path) -> dict:
 
 def compare(row: dict, runs: dict, key: str, higher_is_better: bool) -> dict:
     """Each tree's runs and median of ``key``; ratio > 1 means the working tree is better."""
-    medians = {name: statistics.median(r[key] for r in results) for name, results in runs.items()}
+    medians = {name: round(statistics.median(r[key] for r in results), 1) for name, results in runs.items()}
     ratio = (medians["working_tree"] / medians["baseline"] if higher_is_better
              else medians["baseline"] / medians["working_tree"])
     return {**row, "runs": runs, f"median_{key}": medians, "ratio": round(ratio, 3)}
