@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -203,14 +204,29 @@ def test_files_over_the_size_limit_are_refused_and_reported(sample_dir, tmp_path
 
 
 def test_two_forced_builds_at_once_take_turns_and_neither_crashes(sample_dir, tmp_path):
+    from protmask.data.build import build_lock
+
     data = five_structures(sample_dir, tmp_path)
     command = [sys.executable, "-m", "protmask.cli", "build-dataset", "--pdb_path", str(data), "--cache_dir",
-               str(tmp_path / "cache"), "--num_proc", "1", "--force"]
-    for _ in range(2):
-        runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-        outputs = [run.communicate(timeout=300) for run in runs]
-        assert [run.returncode for run in runs] == [0, 0], outputs
-        assert any("another process built" in out + err for out, err in outputs)  # the second reused the first's
+               str(tmp_path / "cache"), "--num_proc", "1"]
+    subprocess.run(command, check=True, capture_output=True)  # names the dataset folder whose lock is taken below
+    (target,) = [p for p in (tmp_path / "cache").glob("protmask-dataset-*") if p.is_dir()]
+    for round_ in range(2):
+        # Hold the build lock until both forced builds wait for it, so that they surely overlap (on a slow machine
+        # one could otherwise finish before the other starts, and then rightly build again).
+        logs = [tmp_path / f"build-{round_}-{i}.log" for i in range(2)]
+        with build_lock(target, tmp_path / "cache", log=lambda *a: None):
+            runs = [subprocess.Popen(command + ["--force"], stdout=open(log, "w"), stderr=subprocess.STDOUT)
+                    for log in logs]
+            deadline = time.monotonic() + 240
+            while not all("waiting for another build" in log.read_text() for log in logs):
+                assert time.monotonic() < deadline and all(run.poll() is None for run in runs), [
+                    log.read_text() for log in logs]
+                time.sleep(0.2)
+        codes = [run.wait(timeout=300) for run in runs]
+        outputs = [log.read_text() for log in logs]
+        assert codes == [0, 0], outputs
+        assert sum("another process built" in out for out in outputs) == 1, outputs  # one built, the other reused it
     assert len([p for p in (tmp_path / "cache").glob("protmask-dataset-*") if p.is_dir()]) == 1
     assert not list((tmp_path / "cache").glob(".*tmp*"))
     assert len(build_dataset(data, tmp_path / "cache", num_proc=1, **quiet).dataset["train"]) > 0
