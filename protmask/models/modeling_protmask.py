@@ -132,11 +132,11 @@ class BackboneFeatures(nn.Module):
             pair_distance = (delta.square().sum(-1) + 1e-6).sqrt().flatten(-2)  # [B, L, K, 25]
             centers = torch.linspace(self.rbf_min, self.rbf_max, self.num_rbf, device=coords.device)
             width = (self.rbf_max - self.rbf_min) / self.num_rbf
-            # exp(-((d - c) / w)²), in place: the largest tensor of the step ([B, L, K, 400]); nothing here
-            # needs gradients, and one buffer instead of five halves its memory traffic on CPU. The exponent is
-            # clamped at -87 (exp = 1.6e-38, the smallest normal float32; below it the features are 0 to
-            # within 1.6e-38): PyTorch's vectorised CPU exp takes a path 5× slower for arguments that underflow,
-            # and most of these do (distant atom pairs).
+            # exp(-((d - c) / w)²), in place: the largest tensor of the step ([B, L, K, 400]) and nothing here
+            # needs gradients, so one buffer serves instead of five temporaries. The exponent is clamped at -87
+            # (exp(-87) = 1.6e-38, just above the smallest normal float32, so such features are 0 to within
+            # 1.6e-38): PyTorch's vectorised CPU exp is 5× slower for arguments that underflow, and most of
+            # these do (distant atom pairs).
             rbf = pair_distance[..., None] - centers
             rbf = rbf.div_(width).square_().clamp_max_(87.0).neg_().exp_().flatten(-2)  # [B, L, K, 400]
 
