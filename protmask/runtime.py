@@ -1,11 +1,16 @@
-"""Process-level settings that make CPU runs fast: the allocator and thread counts."""
+"""Process-level settings: the CPU allocator, the CPUs a process may use, and the signals worker processes
+leave to their rank."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import sys
+from pathlib import Path
 
+#: What a launcher or scheduler sends to stop a job (see training/preemption.py).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _tuned = False
 
@@ -28,3 +33,47 @@ def tune_cpu_allocator() -> bool:
     except (OSError, AttributeError):
         _tuned = False
     return _tuned
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def ignore_stop_signals(*_) -> None:
+    """For worker processes (a DataLoader's ``worker_init_fn``, a parse pool's initializer). Launchers signal
+    a rank's whole process group and SLURM every process of a job; a worker that died of it would take the
+    rank down before its checkpoint. The rank decides, and ends its workers when it stops (`stop_workers`).
+
+    So that a worker never outlives its rank (which may leave with os._exit), Linux is asked to kill it when
+    the process that started it ends."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+
+
+def stop_workers(processes) -> None:
+    """End worker processes that ignore SIGTERM: multiprocessing's exit handler terminates daemonic children
+    with SIGTERM and then joins them, which would wait for ever."""
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+        process.join()
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (SLURM's --cpus-per-task, taskset) and a cgroup
+    CPU quota (containers), not every core of the machine."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)

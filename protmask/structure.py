@@ -7,6 +7,7 @@ import gzip
 import io
 import os
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,12 +25,22 @@ MAX_STRUCTURE_BYTES = 512 << 20
 
 
 class StructureError(ValueError):
-    """A structure file that cannot be used: names the file and says why."""
+    """A structure file that cannot be used: names the file and says why.
 
-    def __init__(self, path, reason: str):
+    ``transient`` errors are not the file's content (an I/O error, a file missing for a moment, memory): the
+    next attempt may succeed, so a build reports them but does not remember them as the file's result."""
+
+    def __init__(self, path, reason: str, transient: bool = False):
         self.path = str(path)
         self.reason = reason
+        self.transient = transient
         super().__init__(f"{self.path}: {reason}")
+
+
+def is_content_error(error: BaseException) -> bool:
+    """A read failure the file's bytes determine (a damaged gzip stream), as opposed to the storage or the
+    machine failing (EIO, a stale NFS handle, permissions, memory)."""
+    return isinstance(error, (gzip.BadGzipFile, EOFError, zlib.error)) or not isinstance(error, (OSError, MemoryError))
 
 
 @dataclass
@@ -97,9 +108,9 @@ def inflated_size(path, max_bytes: int = MAX_STRUCTURE_BYTES) -> int:
                     if size > max_bytes:
                         break
     except FileNotFoundError:
-        raise StructureError(path, "no such file") from None
-    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
-        raise StructureError(path, f"cannot read: {error}") from None
+        raise StructureError(path, "no such file", transient=True) from None
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+        raise StructureError(path, f"cannot read: {error}", transient=not is_content_error(error)) from None
     if size > max_bytes:
         raise StructureError(path, f"inflates past {max_bytes >> 20} MB (the --max_file_mb limit); refused without "
                                    "reading it into memory")
@@ -180,8 +191,12 @@ def parse_structure(path, max_bytes: int = MAX_STRUCTURE_BYTES) -> list[ProteinC
             structure = parser.get_structure(path.name, handle)
     except StructureError:
         raise
+    except (OSError, MemoryError) as error:
+        raise StructureError(path, f"cannot read: {type(error).__name__}: {error}",
+                             transient=not is_content_error(error)) from None
     except Exception as error:  # Biopython raises many types (ValueError, KeyError, PDBConstructionException)
-        raise StructureError(path, f"unreadable {kind.upper()} ({type(error).__name__}: {error})") from None
+        raise StructureError(path, f"unreadable {kind.upper()} ({type(error).__name__}: {error})",
+                             transient=not is_content_error(error)) from None
     models = list(structure)
     if not models:
         raise StructureError(path, "no atoms (no model in the file)")

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,7 +238,7 @@ def _parse_or_die(path, max_bytes):
 
     if path.endswith("1p3c.pdb.gz"):
         os.kill(os.getpid(), 9)  # as the OS's out-of-memory killer would
-    return path, parse_structure(path, max_bytes), None
+    return path, parse_structure(path, max_bytes), None, True
 
 
 def test_a_killed_parse_worker_is_that_files_failure_and_the_build_goes_on(sample_dir, tmp_path, monkeypatch):
@@ -283,3 +284,35 @@ def test_a_rebuild_parses_only_new_and_changed_files_and_no_entry_changes_split(
     build_dataset(data, cache, num_proc=2, prune=True, log=said.append)
     assert [p.name for p in cache.glob("protmask-dataset-*") if p.is_dir()] == [second.path.name]
     assert "removed 1 superseded dataset build(s) and 1 stale parse results" in said[-1]
+
+
+def test_a_read_error_is_this_builds_failure_and_the_next_build_tries_again(sample_dir, edge_dir, tmp_path,
+                                                                            monkeypatch):
+    import errno
+
+    import protmask.structure as structure
+
+    data = tmp_path / "pdb"
+    data.mkdir()
+    for name in ("1a8q.pdb.gz", "1aki.cif.gz", "2fr2.pdb.gz"):
+        shutil.copy(sample_dir / name, data / name)
+    shutil.copy(edge_dir / "empty.pdb", data / "empty.pdb")  # a content error: the same every time
+    opened = structure.open_text
+
+    def flaky_storage(path, *args, **kwargs):  # the file system fails this read (an NFS hiccup, a bad sector)
+        if str(path).endswith("1aki.cif.gz"):
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return opened(path, *args, **kwargs)
+
+    monkeypatch.setattr(structure, "open_text", flaky_storage)
+    options = BuildOptions(validation_fraction=0, test_fraction=0)
+    first = build_dataset(data, tmp_path / "cache", options, num_proc=1, **quiet)
+    failed = {Path(f["file"]).name: f["error"] for f in first.report["files_failed"]}
+    assert set(failed) == {"1aki.cif.gz", "empty.pdb"} and "Input/output error" in failed["1aki.cif.gz"]
+    assert [Path(p).name for p in first.report["files_to_retry"]] == ["1aki.cif.gz"]
+
+    monkeypatch.setattr(structure, "open_text", opened)  # the storage is back; no file changed
+    second = build_dataset(data, tmp_path / "cache", options, num_proc=1, **quiet)
+    assert second.report["files_parsed_now"] == 1 and second.report["files_from_parse_cache"] == 3
+    assert [Path(f["file"]).name for f in second.report["files_failed"]] == ["empty.pdb"]  # remembered
+    assert "1aki" in set(second.dataset["train"]["name"]) and not second.report.get("files_to_retry")

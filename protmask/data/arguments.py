@@ -36,7 +36,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                        help="where built datasets are kept; the same inputs and options reuse the cache "
                             "(default: $PROTMASK_CACHE or ~/.cache/protmask)")
     group.add_argument("--num_proc", type=positive_int, default=None,
-                       help="parallel parsing processes for a build (default: all CPU cores)")
+                       help="parallel parsing processes for a build (default: the CPUs this process may use: its affinity "
+                            "mask, e.g. SLURM's --cpus-per-task, and any cgroup CPU quota)")
     group.add_argument("--min_length", type=positive_int, default=20,
                        help="drop chains with fewer residues that have a complete backbone (default: 20)")
     group.add_argument("--max_resolution", type=float, default=None,

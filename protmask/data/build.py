@@ -3,6 +3,7 @@ fingerprinted by its inputs and options, with a report that accounts for every f
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import functools
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..structure import StructureError, is_structure_file, parse_structure
+from ..runtime import ignore_stop_signals, usable_cpus
+from ..structure import StructureError, is_content_error, is_structure_file, parse_structure
 from ..locking import LockHeld, exclusive_lock
 from .parse_cache import ParseCache, file_key
 
@@ -186,13 +188,29 @@ def walk_folder(folder: Path, skipped: list) -> list[Path]:
     return found
 
 
-def dataset_fingerprint(pdb_path, options: "BuildOptions") -> str:
+@dataclass
+class InputListing:
+    """One walk of a --pdb_path: its structure files, the folder names are relative to, what was skipped.
+    A walk of a 200 000-file mirror on a network file system takes minutes: a process walks it once and
+    hands the listing to the fingerprint and the build."""
+
+    files: list
+    root: Path
+    skipped: list
+
+
+def list_inputs(pdb_path) -> InputListing:
+    skipped = []
+    files, root = find_structure_files(pdb_path, skipped=skipped)
+    return InputListing(files, root, skipped)
+
+
+def dataset_fingerprint(pdb_path, options: "BuildOptions", listing: InputListing | None = None) -> str:
     """The fingerprint a build of ``pdb_path`` has (or will have), without building: a run checks it on resume."""
     if isinstance(pdb_path, (str, os.PathLike)) and is_built_dataset(pdb_path):
         report = Path(pdb_path) / REPORT_NAME
         return json.loads(report.read_text()).get("fingerprint", str(pdb_path)) if report.is_file() else str(pdb_path)
-    files, _ = find_structure_files(pdb_path)
-    return fingerprint(files, options)
+    return fingerprint((listing or list_inputs(pdb_path)).files, options)
 
 
 def entry_name(path: Path, root: Path) -> str:
@@ -225,13 +243,18 @@ def fingerprint(files: list[Path], options: BuildOptions) -> str:
 
 
 def _parse_one(path: str, max_bytes: int):
-    """Worker: parse one file; every failure comes back as data, never as an exception."""
+    """Worker: parse one file; every failure comes back as data, never as an exception.
+
+    Returns (path, chains, error, cacheable): only results the file's bytes determine are cacheable; an I/O
+    error, a missing file or a worker out of memory is this build's failure and is tried again next time."""
     try:
-        return path, parse_structure(path, max_bytes), None
+        return path, parse_structure(path, max_bytes), None, True
     except StructureError as error:
-        return path, None, error.reason
+        return path, None, error.reason, not error.transient
+    except MemoryError:
+        return path, None, "out of memory while parsing", False
     except Exception as error:  # a Biopython or I/O failure we did not foresee still must not stop the build
-        return path, None, f"{type(error).__name__}: {error}"
+        return path, None, f"{type(error).__name__}: {error}", is_content_error(error)
 
 
 KILLED_WORKER = "the parse worker was killed"
@@ -244,28 +267,40 @@ def file_key_or_none(path: str) -> str | None:
         return None
 
 
+#: Files handed to the pool ahead of the one being written, per worker: enough to keep every worker busy,
+#: few enough that results never pile up when writing falls behind.
+FILES_IN_FLIGHT_PER_WORKER = 4
+
+
 def parse_all(parse, paths: list[str], num_proc: int):
-    """``parse`` over ``paths`` in ``num_proc`` worker processes, results in order. A worker that dies (the
-    OS killed it for memory, a crash) breaks the pool: the file it held is parsed again alone, and if its
-    worker dies again it is reported as that file's failure; the rest go on in a fresh pool."""
+    """``parse`` over ``paths`` in ``num_proc`` worker processes, results in order, with at most
+    ``num_proc * FILES_IN_FLIGHT_PER_WORKER`` files submitted and not yet consumed. A worker that dies (the OS
+    killed it for memory, a crash) breaks the pool: the file it held is parsed again alone, and if its worker
+    dies again it is reported as that file's failure; the rest go on in a fresh pool."""
     # fork: no re-import of the caller's __main__ (scripts without a main guard work), cheap start.
     context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+    window = max(1, num_proc * FILES_IN_FLIGHT_PER_WORKER)
     done = 0
     while done < len(paths):
-        remaining = paths[done:]
-        with ProcessPoolExecutor(num_proc, mp_context=context) as pool:
+        with ProcessPoolExecutor(num_proc, mp_context=context, initializer=ignore_stop_signals) as pool:
+            pending, queued = collections.deque(), done
             try:
-                for result in pool.map(parse, remaining, chunksize=max(1, min(16, len(remaining) // (num_proc * 4) or 1))):
-                    yield result
+                while done < len(paths):
+                    while queued < len(paths) and len(pending) < window:
+                        pending.append(pool.submit(parse, paths[queued]))
+                        queued += 1
+                    result = pending.popleft().result()
                     done += 1
+                    yield result
             except BrokenProcessPool:
-                pass
+                for future in pending:
+                    future.cancel()
         if done < len(paths):  # the pool broke at paths[done]: try that file alone
-            with ProcessPoolExecutor(1, mp_context=context) as alone:
+            with ProcessPoolExecutor(1, mp_context=context, initializer=ignore_stop_signals) as alone:
                 try:
                     yield alone.submit(parse, paths[done]).result()
                 except BrokenProcessPool:
-                    yield paths[done], None, f"{KILLED_WORKER} while reading this file (out of memory?)"
+                    yield paths[done], None, f"{KILLED_WORKER} while reading this file (out of memory?)", False
             done += 1
 
 
@@ -406,6 +441,9 @@ def _summary(report: dict) -> str:
         lines.append(f"  failed: {item['file']}: {item['error']}")
     if len(failed) > 10:
         lines.append(f"  ... and {len(failed) - 10} more failed files, listed in {REPORT_NAME}")
+    if report.get("files_to_retry"):
+        lines.append(f"  {len(report['files_to_retry'])} of the failures were read errors or killed workers, not the "
+                     "files' content: the next build tries them again")
     lines.append(f"report: {Path(report['dataset_path']) / REPORT_NAME}  ({report['seconds']:.1f} s)")
     return "\n".join(lines)
 
@@ -463,18 +501,20 @@ def build_dataset(
     force: bool = False,
     log=print,
     prune: bool = False,
+    listing: InputListing | None = None,
 ) -> BuildResult:
     """Build (or reuse) the dataset for ``pdb_path`` under ``cache_dir`` and return it with its report.
 
     The same inputs and options give the same fingerprint and reuse the cache without parsing; a changed,
     added or removed file or option builds anew. An already built dataset folder may be given as ``pdb_path``.
+    ``listing``: the inputs as this process already walked them (`list_inputs`).
     """
     options = options or BuildOptions()
     options.validate()
     if isinstance(pdb_path, (str, os.PathLike)) and is_built_dataset(pdb_path):
         return load_built(pdb_path)
-    skipped = []
-    files, root = find_structure_files(pdb_path, skipped=skipped)
+    listing = listing or list_inputs(pdb_path)
+    files, root, skipped = listing.files, listing.root, listing.skipped
     key = fingerprint(files, options)
     target = Path(cache_dir) / f"protmask-dataset-{key}"
     result = None
@@ -523,7 +563,13 @@ def reusable(target: Path, log) -> BuildResult | None:
     if damage is not None:
         log(f"the cached dataset {target} is damaged ({damage}); building it again")
         return None
-    return load_built(target, check=False)
+    result = load_built(target, check=False)
+    retry = result.report.get("files_to_retry") or []
+    if retry:
+        log(f"the cached dataset {target} lacks {len(retry)} file(s) that failed to read when it was built "
+            f"({retry[0]}{', ...' if len(retry) > 1 else ''}); building it again (the others come from the parse cache)")
+        return None
+    return result
 
 
 @contextlib.contextmanager
@@ -549,7 +595,7 @@ def _build(pdb_path, cache_dir, target: Path, key: str, files, root, skipped, op
     # The build prints its own summary; datasets' per-step bars would bury it.
     datasets.disable_progress_bars()
     started = time.time()
-    num_proc = max(1, min(num_proc or os.cpu_count() or 1, len(files)))
+    num_proc = max(1, min(num_proc or usable_cpus(), len(files)))
     # Host and pid: two machines sharing --cache_dir may have processes with the same pid.
     staging = target.parent / f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     try:
@@ -598,9 +644,11 @@ def _build(pdb_path, cache_dir, target: Path, key: str, files, root, skipped, op
             if key in parse_cache:
                 yield (path, *parse_cache.get(key, path))
                 continue
-            _, chains, error = next(results)
-            if key is not None and not (error or "").startswith(KILLED_WORKER):  # a kill may not recur
+            _, chains, error, cacheable = next(results)
+            if key is not None and cacheable:  # a read error or a killed worker may not recur
                 parse_cache.add(key, chains, error)
+            elif error is not None:
+                report.setdefault("files_to_retry", []).append(path)
             yield path, chains, error
 
     def rows():
