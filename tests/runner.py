@@ -80,3 +80,74 @@ def wait_for_training(save_dir, process, timeout=180):
             return
         time.sleep(0.02)
     raise AssertionError("training did not start")
+
+
+def start(args, launcher=None, env=None):
+    """Start a run in a session of its own, as a launcher or scheduler job is: its process group can be
+    signalled without reaching the test."""
+    prefix = {
+        None: [sys.executable, SCRIPT],
+        "accelerate": [str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu.yaml"),
+                       "--main_process_port", str(free_port()), SCRIPT],
+    }[launcher]
+    return subprocess.Popen(prefix + [str(a) for a in args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
+                            start_new_session=True)
+
+
+def command_line(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def rank_processes(pid: int) -> list[int]:
+    """The training processes of a job: ``pid`` itself when it is one, or the ranks a launcher started (not
+    their loader workers, which are forks of a rank with the same command line)."""
+    job = [pid] + descendants(pid)
+    def is_rank(p):
+        words = [Path(w).name for w in command_line(p)]
+        return "train_accelerate.py" in words and not {"accelerate", "torchrun"} & set(words)
+
+    ranks = [p for p in job if is_rank(p)]
+    return [p for p in ranks if parent(p) not in ranks]
+
+
+def parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1
+
+
+def wait_gone(pids, timeout=120) -> None:
+    deadline = time.time() + timeout
+    while any(Path(f"/proc/{p}").exists() and "Z" not in state(p) for p in pids):
+        assert time.time() < deadline, f"processes {pids} still running"
+        time.sleep(0.05)
+
+
+def state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def slurm_step(args, tasks=2):
+    """What `srun --ntasks=2 python train_accelerate.py ...` starts: one task per rank, no launcher, the
+    rendezvous in SLURM's variables (the address and port a job script may set)."""
+    port = str(free_port())
+    processes = []
+    for task in range(tasks):
+        env = dict(os.environ, PYTHONUNBUFFERED="1", SLURM_JOB_ID="4242", SLURM_STEP_ID="0",
+                   SLURM_STEP_NUM_TASKS=str(tasks), SLURM_PROCID=str(task), SLURM_LOCALID=str(task),
+                   SLURM_NODEID="0", SLURM_STEP_TASKS_PER_NODE=str(tasks), SLURM_STEP_NODELIST="localhost",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, SLURM_CPUS_PER_TASK="1")
+        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+            env.pop(name, None)
+        processes.append(subprocess.Popen([sys.executable, SCRIPT] + [str(a) for a in args], cwd=ROOT, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          start_new_session=True))
+    return processes

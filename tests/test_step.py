@@ -62,9 +62,9 @@ def count_host_syncs(monkeypatch) -> list:
 
 def test_a_training_step_synchronises_with_the_host_once(batches, monkeypatch):
     step = prepared_step(tiny())
-    step(batches[:2], preempt_requested=False)  # warm: lazy initialisations may read values once
+    step(batches[:2], stop_requested=lambda: False)  # warm: lazy initialisations may read values once
     calls = count_host_syncs(monkeypatch)
-    numbers = step(batches[:2], preempt_requested=False)  # two micro-batches of gradient accumulation
+    numbers = step(batches[:2], stop_requested=lambda: False)  # two micro-batches of gradient accumulation
     assert calls == [("tolist", "training/step.py", calls[0][2])], calls
     assert numbers.tokens == sum(int((b["labels"] != -100).sum()) for b in batches[:2])
     assert numbers.residues == sum(int(b["attention_mask"].sum()) for b in batches[:2])
@@ -76,7 +76,7 @@ def test_the_step_minimises_the_mean_over_the_global_batch(batches):
     model, reference = tiny(dropout=0.0, backbone_noise=0.0), tiny(dropout=0.0, backbone_noise=0.0)
     step = prepared_step(model)
     step.max_grad_norm = 0.0
-    step(batches[:2], preempt_requested=False)
+    step(batches[:2], stop_requested=lambda: False)
     optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3)
     losses = [reference(**b).logits for b in batches[:2]]
     total = sum(torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), reduction="sum")
@@ -127,7 +127,7 @@ def test_bf16_training_follows_fp32(batches):
     curves = {}
     for precision in ("no", "bf16"):
         step = prepared_step(tiny(dropout=0.0, backbone_noise=0.0), mixed_precision=precision)
-        curves[precision] = [step(batches, preempt_requested=False).loss_sum for _ in range(8)]
+        curves[precision] = [step(batches, stop_requested=lambda: False).loss_sum for _ in range(8)]
     fp32, bf16 = torch.tensor(curves["no"]), torch.tensor(curves["bf16"])
     assert fp32[-1] < fp32[0] * 0.9  # it learned
     assert ((bf16 - fp32).abs() / fp32).max() < 0.02

@@ -318,23 +318,29 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_identically(cache, un
 
 
 @pytest.mark.faults
-def test_a_second_signal_stops_at_once(sample_dir, tmp_path):
+@pytest.mark.parametrize("second", ["SIGINT", "SIGTERM after the repeat window"])
+def test_a_second_signal_stops_at_once(sample_dir, tmp_path, second):
     # The first signal arrives during the dataset build (a fresh cache, one parse process), the second soon
-    # after: the run must not wait for the build and the first training step.
+    # after: the run must not wait for the build and the first training step. A different signal, or the
+    # same one after the repeat window (1 s here), is a second request; a repeat within it is not.
     cache = tmp_path / "cache"
     command = [sys.executable, SCRIPT] + TINY + ["--cache_dir", str(cache), "--num_proc", "1",
                                                  "--save_dir", str(tmp_path / "run")]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PROTMASK_SIGNAL_REPEAT_WINDOW="1"))
     deadline = time.time() + 120
     while not (cache.is_dir() and any(p.name.startswith(".protmask-dataset") for p in cache.iterdir())):
         assert time.time() < deadline and process.poll() is None, "the build did not start"
         time.sleep(0.01)
     os.kill(process.pid, signal.SIGTERM)
     time.sleep(0.1)
-    os.kill(process.pid, signal.SIGTERM)
+    os.kill(process.pid, signal.SIGTERM)  # the same request
+    time.sleep(0.1 if second == "SIGINT" else 1.2)
+    os.kill(process.pid, signal.SIGINT if second == "SIGINT" else signal.SIGTERM)
     stopped = time.time()
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert process.returncode == 128 + (signal.SIGINT if second == "SIGINT" else signal.SIGTERM), stderr[-3000:]
+    assert stderr.count("received SIGTERM: finishing") == 1 and "again: stopping now" in stderr
     assert time.time() - stopped < 5 and not list_checkpoints(tmp_path / "run")
 
 

@@ -4,6 +4,7 @@ reporting live in their own modules beside this one."""
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import itertools
 import json
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..runtime import tune_cpu_allocator
+from ..runtime import ignore_stop_signals, stop_workers, tune_cpu_allocator, usable_cpus
 from .checkpointing import (TRAINER_STATE, claim_save_dir, list_checkpoints, run_definition,  # noqa: F401 (API)
                             save_checkpoint, save_model, write_json_atomically)
 from .checks import check_arguments, check_launch, legacy_flags
@@ -24,6 +25,7 @@ from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch, exit_pr
 from .reporting import RunLog, TrainingWindow, describe_run, model_card
 from .schedule import (build_scheduler, carry_schedule_over, effective_learning_rate, plan_steps,  # noqa: F401
                        warmup_steps)
+from .slurm import adopt_slurm_ranks
 from .step import OptimizerStep
 
 
@@ -60,7 +62,7 @@ def set_cpu_threads(accelerator, args) -> int:
     elif "OMP_NUM_THREADS" in os.environ:  # torchrun and accelerate launch set 1 for several processes
         threads = int(os.environ["OMP_NUM_THREADS"])
     else:
-        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        threads = max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
     return threads
 
@@ -84,22 +86,31 @@ def prepare_process(accelerator, args) -> int:
 
 
 def claim_run(accelerator, args, model):
-    """Define the run and check it against --save_dir and the checkpoint, before any long work."""
-    from ..data.build import DatasetBuildError, dataset_fingerprint
+    """Define the run and check it against --save_dir and the checkpoint, before any long work. The main
+    process walks the inputs for the fingerprint and returns that listing for its build (None elsewhere)."""
+    from ..data.build import DatasetBuildError, dataset_fingerprint, is_built_dataset, list_inputs
     from ..data.arguments import build_options
 
-    try:
-        fingerprint = dataset_fingerprint(args.pdb_path, build_options(args))
-    except DatasetBuildError as error:
-        raise TrainingError(str(error)) from None
-    definition = run_definition(args, accelerator.num_processes, fingerprint, model.config)
-    resume_path, run = agreed(accelerator, lambda: claim_save_dir(args, definition, accelerator.print))
+    listing = None
+
+    def decide():
+        nonlocal listing
+        try:
+            if not is_built_dataset(args.pdb_path):
+                listing = list_inputs(args.pdb_path)
+            fingerprint = dataset_fingerprint(args.pdb_path, build_options(args), listing)
+        except DatasetBuildError as error:
+            raise TrainingError(str(error)) from None
+        definition = run_definition(args, accelerator.num_processes, fingerprint, model.config)
+        return claim_save_dir(args, definition, accelerator.print)
+
+    resume_path, run = agreed(accelerator, decide)
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         accelerator.print(f"--resume_from_checkpoint latest: no complete checkpoint of this run in {args.save_dir} "
                           "yet; starting from scratch.")
     if accelerator.is_main_process:
         write_json_atomically(Path(args.save_dir) / "run.json", run)
-    return resume_path, run
+    return resume_path, run, listing
 
 
 def check_hub(accelerator, args):
@@ -116,37 +127,87 @@ def start_trackers(accelerator, args) -> None:
         accelerator.init_trackers("protmask", config=config)  # TensorBoard: <save_dir>/protmask
 
 
-def load_data(accelerator, args, say):
-    """The dataset, built once per machine: each machine's first process builds (or finds the cache) while the
-    others wait in a group of their own, whose timeout is --dataset_build_timeout, so that training
-    collectives can keep a short --process_group_timeout. Machines sharing --cache_dir build it once (the
-    build holds a lock and later ones reuse it); node-local --cache_dir folders each get their own copy."""
-    from ..data.build import DatasetBuildError, build_dataset
+def load_data(accelerator, args, say, listing=None):
+    """The dataset, built once per machine: each machine's first process walks the inputs and builds (or
+    finds the cache) while the others wait in a group of their own, whose timeout is --dataset_build_timeout,
+    so that training collectives can keep a short --process_group_timeout; then it hands the built folder to
+    the other processes of its machine. Machines sharing --cache_dir build it once (the build holds a lock and
+    later ones reuse it); node-local --cache_dir folders each get their own copy, and `check_same_dataset`
+    makes sure they hold the same data."""
+    from ..data.build import DatasetBuildError, build_dataset, load_built
     from ..data.arguments import build_options
 
-    def build(force, log):
-        return build_dataset(args.pdb_path, args.cache_dir, build_options(args), num_proc=args.num_proc, force=force,
-                             log=log)
-
-    outcome, result = "ok", None
+    outcome, path = "ok", None
     if accelerator.is_local_main_process:
         try:
-            result = build(force=args.rebuild_dataset, log=say if accelerator.is_main_process else print)
+            built = build_dataset(args.pdb_path, args.cache_dir, build_options(args), num_proc=args.num_proc,
+                                  force=args.rebuild_dataset, log=say if accelerator.is_main_process else print,
+                                  listing=listing)
+            path = str(built.path)
         except DatasetBuildError as error:
             outcome = str(error)
-    outcomes = [outcome]
+    outcomes = [(outcome, path)]
     if accelerator.num_processes > 1:
         outcomes = [None] * accelerator.num_processes
-        torch.distributed.all_gather_object(outcomes, outcome, group=long_wait_group(args))
-    failed = [o for o in outcomes if o != "ok"]
+        torch.distributed.all_gather_object(outcomes, (outcome, path), group=long_wait_group(args))
+    failed = [o for o, _ in outcomes if o != "ok"]
     if failed:
         raise TrainingError(failed[0])
-    if result is None:
+    if not accelerator.is_local_main_process:
+        local_main = accelerator.process_index - accelerator.local_process_index  # torchrun numbers ranks by machine
         try:
-            result = build(force=False, log=lambda *a: None)  # this machine's build, just made
+            built = load_built(outcomes[local_main][1])
         except DatasetBuildError as error:
             raise TrainingError(str(error)) from None
-    return result
+    check_same_dataset(accelerator, args, built)
+    return built
+
+
+def dataset_signature(built) -> dict:
+    """What every rank must agree on: the split sizes and a hash of every entry's split, name and length. The
+    build fingerprint is shown too but not compared: it holds file times, which a plain copy of the same
+    files to a node-local disk changes."""
+    import hashlib
+
+    content = hashlib.sha256()
+    for split in sorted(built.dataset):
+        content.update(f"{split}\0{len(built.dataset[split])}\0".encode())
+        content.update("\0".join(built.dataset[split]["name"]).encode())
+        content.update(np.asarray(built.dataset[split]["length"], dtype=np.int64).tobytes())
+    return {"fingerprint": built.report.get("fingerprint"),
+            "splits": {split: len(built.dataset[split]) for split in sorted(built.dataset)},
+            "content": content.hexdigest()[:16]}
+
+
+def check_same_dataset(accelerator, args, built) -> None:
+    """Ranks that train on different data (node-local caches or mirrors that came out different) would plan
+    different epochs and hang, or silently train on different sets: stop, naming the machines that differ."""
+    if accelerator.num_processes == 1:
+        return
+    import socket
+
+    mine = {"host": socket.gethostname(), "rank": accelerator.process_index, "path": str(built.path),
+            **dataset_signature(built)}
+    everyone = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(everyone, mine, group=long_wait_group(args))
+    key = ("splits", "content")
+    machines = {}  # one line per machine and dataset, with its ranks
+    for entry in everyone:
+        machines.setdefault((entry["host"], entry["path"], entry["fingerprint"], *(str(entry[k]) for k in key)),
+                            []).append(entry)
+    if len({tuple(str(e[k]) for k in key) for e in everyone}) > 1:
+        def describe(entries):
+            entry, ranks = entries[0], ",".join(str(e["rank"]) for e in entries)
+            splits = "/".join(str(n) for n in entry["splits"].values())
+            return (f"rank(s) {ranks} on {entry['host']}: {entry['path']} (fingerprint {entry['fingerprint']}, "
+                    f"{splits} entries in {'/'.join(entry['splits'])}, content {entry['content']})")
+
+        raise TrainingError(
+            "the processes of this job hold different datasets; every rank must train on the same one.\n  "
+            + "\n  ".join(describe(entries) for entries in machines.values())
+            + "\nGive every machine the same --pdb_path contents (a node-local copy may be incomplete, or a file "
+              "failed to read on one machine: see its build report), or build once with protmask build-dataset "
+              "and pass that folder as --pdb_path on every machine.")
 
 
 _LONG_WAIT_GROUP = None
@@ -212,6 +273,7 @@ def make_loaders(accelerator, args, dataset, tokenizer):
     validation_sampler = LengthBucketBatchSampler(validation_lengths, shuffle=False, seed=args.seed,
                                                   num_replicas=accelerator.num_processes, **validation_budget)
     loader_options = dict(num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                          worker_init_fn=ignore_stop_signals,  # a signal to the process group is the rank's
                           persistent_workers=args.num_workers > 0,  # not re-forked every epoch and validation
                           # A private generator: creating loader iterators must not draw from the global RNG,
                           # or a resumed run's dropout would differ from an uninterrupted one.
@@ -222,6 +284,18 @@ def make_loaders(accelerator, args, dataset, tokenizer):
                                                     collate_fn=MaskingCollator(validation_processor, args.seed),
                                                     **loader_options)
     return train_loader, validation_loader, train_sampler
+
+
+def stop_loader_workers(*loaders) -> None:
+    """At exit: shut the persistent loader workers down (they ignore SIGTERM, see `ignore_stop_signals`)
+    before multiprocessing's own exit handler would wait on them."""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is None:
+            continue
+        iterator._shutdown_workers()  # asks each worker to stop, as deleting the iterator does
+        stop_workers(getattr(iterator, "_workers", []))
+        loader._iterator = None
 
 
 def build_model(args):
@@ -248,8 +322,6 @@ def build_model(args):
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable()
     model.train()
-    if args.torch_compile:
-        model = torch.compile(model)
     return tokenizer, model
 
 
@@ -395,14 +467,17 @@ def train(args) -> dict:
 
     check_arguments(args)
     preemption = PreemptionWatch().install()
+    from_slurm = adopt_slurm_ranks()  # before the accelerator reads the rendezvous variables
     accelerator = build_accelerator(args)
     say = accelerator.print
+    if from_slurm:
+        say(from_slurm)
     threads = prepare_process(accelerator, args)
     tokenizer, model = build_model(args)
-    resume_path, run = claim_run(accelerator, args, model)
+    resume_path, run, listing = claim_run(accelerator, args, model)
     hub = check_hub(accelerator, args)
 
-    built = load_data(accelerator, args, say)
+    built = load_data(accelerator, args, say, listing)
     train_loader, validation_loader, train_sampler = make_loaders(accelerator, args, built.dataset, tokenizer)
     state = initial_state(resume_path, run, train_sampler, accelerator.num_processes, args.gradient_accumulation_steps)
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
@@ -411,6 +486,13 @@ def train(args) -> dict:
     scheduler = build_scheduler(args, optimizer, max_train_steps, accelerator.num_processes, state)
     model, optimizer, train_loader, validation_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, validation_loader, scheduler)
+    if args.num_workers:
+        atexit.register(stop_loader_workers, train_loader, validation_loader)  # runs before torch's own exit flag
+    if args.torch_compile:
+        # After prepare and in place: compiling the DDP wrapper lets dynamo split the graph at DDP's gradient
+        # buckets, so the all-reduce overlaps the backward; in place, state dicts keep their plain keys, so
+        # checkpoints, best/ and final/ load with or without --torch_compile.
+        model.compile()
     start_trackers(accelerator, args)
     say(describe_run(accelerator, args, built, threads, learning_rate, steps_per_epoch, max_train_steps, model,
                      state["warmup_steps"]))
@@ -431,7 +513,7 @@ def train(args) -> dict:
             start_epoch(train_loader, train_sampler, state, accelerator.num_processes * args.gradient_accumulation_steps)
             for group, waiting in micro_batch_groups(train_loader, args.gradient_accumulation_steps):
                 started = time.perf_counter()
-                numbers = step(group, preemption.requested)
+                numbers = step(group, lambda: preemption.requested)
                 state["global_step"] += 1
                 state["epoch_offset"] += len(group) * accelerator.num_processes
                 count_nonfinite(state, numbers, args, say)

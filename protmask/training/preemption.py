@@ -1,5 +1,12 @@
 """Preemption: SIGTERM (what SLURM and Kubernetes send) or SIGINT asks every rank to finish its optimizer
-step, write a checkpoint at that step and leave with `PREEMPTED_EXIT_CODE`; a second signal leaves at once."""
+step, write a checkpoint at that step and leave with `PREEMPTED_EXIT_CODE`.
+
+Launchers and schedulers deliver one request several times: SLURM signals every process of the job step,
+and `accelerate launch` / `torchrun` forward what they receive to each rank's process group. A repeat of
+the same signal within `REPEAT_WINDOW_S` seconds of the first is therefore the same request; a different
+signal, or the same one later, leaves at once. Only the rank processes decide: loader and parse workers
+ignore both signals (`ignore_stop_signals`), so a signal to a whole process group cannot kill them first.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +14,22 @@ import os
 import signal
 import sys
 import threading
+import time
+
+from ..runtime import STOP_SIGNALS as SIGNALS, ignore_stop_signals  # noqa: F401 (workers use it)
 
 #: "Preempted, resumable": rerun with --resume_from_checkpoint latest (EX_TEMPFAIL of sysexits.h).
 PREEMPTED_EXIT_CODE = 75
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Repeats of the first signal within this many seconds are one request (override: PROTMASK_SIGNAL_REPEAT_WINDOW).
+REPEAT_WINDOW_S = 5.0
 
 
 class Preempted(Exception):
     """Raised on a single process after the preemption checkpoint is written."""
+
+
+def repeat_window() -> float:
+    return float(os.environ.get("PROTMASK_SIGNAL_REPEAT_WINDOW", REPEAT_WINDOW_S))
 
 
 class PreemptionWatch:
@@ -24,9 +39,14 @@ class PreemptionWatch:
     one of them was signalled.
     """
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, window: float | None = None):
+        self.window = repeat_window() if window is None else window
+        self.first: tuple[int, float] | None = None  # (signal, monotonic time) of the request
         self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.first is not None
 
     def install(self) -> "PreemptionWatch":
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
@@ -39,12 +59,17 @@ class PreemptionWatch:
         self._previous = {}
 
     def _handle(self, number, frame) -> None:
-        if self.requested:
-            os._exit(128 + number)  # asked twice: stop now, as the default handler would
-        self.requested = True
-        print(f"received {signal.Signals(number).name}: finishing this optimizer step, then writing a checkpoint "
-              f"and exiting with status {PREEMPTED_EXIT_CODE} (send it again to stop at once)",
-              file=sys.stderr, flush=True)
+        name = signal.Signals(number).name
+        if self.first is not None:
+            first, at = self.first
+            if number == first and time.monotonic() - at <= self.window:
+                return  # the same request again (the scheduler and the launcher both sent it)
+            print(f"received {name} again: stopping now, without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + number)  # asked again: stop now, as the default handler would
+        self.first = (number, time.monotonic())
+        print(f"received {name}: finishing this optimizer step, then writing a checkpoint and exiting with status "
+              f"{PREEMPTED_EXIT_CODE} (the same signal again within {self.window:g} s is the same request; a "
+              "later or a different one stops at once)", file=sys.stderr, flush=True)
 
 
 def exit_process(status: int) -> None:

@@ -39,7 +39,9 @@ class OptimizerStep:
         self.label_smoothing, self.max_grad_norm = label_smoothing, max_grad_norm
         self.parameters = [p for p in model.parameters() if p.requires_grad]
 
-    def __call__(self, group: list[dict], preempt_requested: bool) -> StepNumbers:
+    def __call__(self, group: list[dict], stop_requested=lambda: False) -> StepNumbers:
+        """``stop_requested()`` is read after the backward passes, just before the all-reduce: a signal that
+        arrives during this step still stops the run after it, at the cost of this step and the save."""
         accelerator, device = self.accelerator, self.accelerator.device
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, tokens, correct, residues
         for index, batch in enumerate(group):
@@ -51,7 +53,7 @@ class OptimizerStep:
             sums += torch.stack([loss.detach().double(), tokens.double(), correct.double(),
                                  batch["attention_mask"].sum().double()])
         flags = torch.stack([(~torch.isfinite(sums[0])).double(),
-                             torch.full((), float(preempt_requested), dtype=torch.float64, device=device)])
+                             torch.full((), float(stop_requested()), dtype=torch.float64, device=device)])
         totals = accelerator.reduce(torch.cat([sums, flags]), "sum")
         grads = [p.grad for p in self.parameters if p.grad is not None]
         if grads:
