@@ -316,3 +316,24 @@ def test_a_read_error_is_this_builds_failure_and_the_next_build_tries_again(samp
     assert second.report["files_parsed_now"] == 1 and second.report["files_from_parse_cache"] == 3
     assert [Path(f["file"]).name for f in second.report["files_failed"]] == ["empty.pdb"]  # remembered
     assert "1aki" in set(second.dataset["train"]["name"]) and not second.report.get("files_to_retry")
+
+
+def test_prune_keeps_a_dataset_that_a_run_is_reading(sample_dir, tmp_path):
+    data, cache = tmp_path / "pdb", tmp_path / "cache"
+    data.mkdir()
+    for file in sorted(sample_dir.glob("*.gz"))[:4]:
+        shutil.copy(file, data / file.name)
+    old = build_dataset(data, cache, num_proc=1, **quiet)
+    # Another process reads the old build, as a training run does (a shared lock for its lifetime).
+    reader = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from protmask.data.build import load_built, hold_for_reading\n"
+        f"held = hold_for_reading(load_built({str(old.path)!r})); print('reading', flush=True); sys.stdin.read()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline().strip() == "reading"
+    shutil.copy(sorted(sample_dir.glob("*.gz"))[4], data)  # the inputs changed: a new build supersedes it
+    said = []
+    new = build_dataset(data, cache, num_proc=1, prune=True, log=said.append)
+    assert old.path.is_dir() and f"kept 1 that running jobs are reading ({old.path.name})" in said[-1]
+    reader.communicate("")  # the run ends
+    build_dataset(data, cache, num_proc=1, prune=True, log=said.append)
+    assert not old.path.exists() and new.path.is_dir() and "removed 1 superseded" in said[-1]

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..runtime import ignore_stop_signals, usable_cpus
 from ..structure import StructureError, is_content_error, is_structure_file, parse_structure
-from ..locking import LockHeld, exclusive_lock
+from ..locking import LockHeld, exclusive_lock, shared_lock
 from .parse_cache import ParseCache, file_key
 
 #: Bump when the row layout or the parsing rules change, so that old caches are rebuilt.
@@ -76,6 +76,19 @@ class BuildResult:
     report: dict
     reused: bool = False
     notes: list = field(default_factory=list)
+    reading: object = None  # the shared lock that keeps --prune away while this process reads the dataset
+
+
+def readers_lock_path(dataset: Path) -> Path:
+    return dataset.parent / f".{dataset.name}.readers"
+
+
+def hold_for_reading(built: BuildResult) -> BuildResult:
+    """Take a shared lock on the dataset for as long as this process lives (a training run memory-maps its
+    Arrow files): `prune_cache` leaves a dataset alone while any process holds one."""
+    if built.reading is None:
+        built.reading = shared_lock(readers_lock_path(Path(built.path)))
+    return built
 
 
 def dataset_features():
@@ -537,22 +550,31 @@ def build_dataset(
 
 
 def prune_cache(cache_dir, keep: Path, live_keys: set[str], max_bytes: int, log=print) -> None:
-    """Remove every other dataset build in ``cache_dir`` (not one being built: its lock is held) and drop
-    parse results of files no longer in the inputs."""
-    removed = 0
+    """Remove every other dataset build in ``cache_dir`` (not one being built, not one a run is reading: their
+    locks are held) and drop parse results of files no longer in the inputs."""
+    removed, in_use = 0, []
     for folder in Path(cache_dir).glob("protmask-dataset-*"):
         if not folder.is_dir() or folder.resolve() == keep.resolve():
             continue
         try:
-            handle = exclusive_lock(folder.parent / f".{folder.name}.lock")
+            building = exclusive_lock(folder.parent / f".{folder.name}.lock")
         except LockHeld:
             continue
-        with handle:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed += 1
+        with building:
+            try:
+                reading = exclusive_lock(readers_lock_path(folder))
+            except LockHeld:
+                in_use.append(folder.name)
+                continue
+            with reading:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+            readers_lock_path(folder).unlink(missing_ok=True)
         (folder.parent / f".{folder.name}.lock").unlink(missing_ok=True)
     dropped = ParseCache(cache_dir, max_bytes).compact(live_keys)
-    log(f"--prune: removed {removed} superseded dataset build(s) and {dropped} stale parse results from {cache_dir}")
+    log(f"--prune: removed {removed} superseded dataset build(s) and {dropped} stale parse results from {cache_dir}"
+        + (f"; kept {len(in_use)} that running jobs are reading ({', '.join(in_use)}): prune again after they end"
+           if in_use else ""))
 
 
 def reusable(target: Path, log) -> BuildResult | None:

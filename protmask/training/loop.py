@@ -134,7 +134,7 @@ def load_data(accelerator, args, say, listing=None):
     the other processes of its machine. Machines sharing --cache_dir build it once (the build holds a lock and
     later ones reuse it); node-local --cache_dir folders each get their own copy, and `check_same_dataset`
     makes sure they hold the same data."""
-    from ..data.build import DatasetBuildError, build_dataset, load_built
+    from ..data.build import DatasetBuildError, build_dataset, hold_for_reading, load_built
     from ..data.arguments import build_options
 
     outcome, path = "ok", None
@@ -160,7 +160,7 @@ def load_data(accelerator, args, say, listing=None):
         except DatasetBuildError as error:
             raise TrainingError(str(error)) from None
     check_same_dataset(accelerator, args, built)
-    return built
+    return hold_for_reading(built)  # `protmask build-dataset --prune` leaves it alone while this run lives
 
 
 def dataset_signature(built) -> dict:
