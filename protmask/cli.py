@@ -299,8 +299,8 @@ def evaluate_command(argv) -> int:
     import json
 
     from .data.build import DatasetBuildError
-    from .evaluation import evaluate, examples_from, format_table
-    from .training.arguments import positive_int
+    from .evaluation import EVALUATE_MAX_LENGTH, evaluate, examples_from, format_table
+    from .training.arguments import non_negative_int, positive_int
 
     parser = argparse.ArgumentParser(
         prog="protmask evaluate",
@@ -314,8 +314,11 @@ def evaluate_command(argv) -> int:
     parser.add_argument("--split", default=None, help="with a built dataset: train, validation or test (default: all)")
     parser.add_argument("--min_length", type=positive_int, default=20,
                         help="skip chains shorter than this (as the build does)")
-    parser.add_argument("--max_length", type=positive_int, default=None, help="crop longer examples")
-    parser.add_argument("--max_tokens", type=positive_int, default=4000, help="padded residues per batch")
+    parser.add_argument("--max_length", type=non_negative_int, default=EVALUATE_MAX_LENGTH,
+                        help=f"crop longer examples to this many residues, as training does (default "
+                             f"{EVALUATE_MAX_LENGTH}; 0: no crop, which a very large complex may not fit in memory)")
+    parser.add_argument("--max_tokens", type=positive_int, default=4000,
+                        help="padded residues per batch (a batch holds at least one example of up to --max_length)")
     parser.add_argument("--decoding", choices=("mask_predict", "autoregressive"), default="mask_predict",
                         help="how the designs are made (greedy): mask_predict suits models trained with the masked "
                              "objective, autoregressive is ProteinMPNN's decoding (use it for converted weights)")
@@ -337,7 +340,7 @@ def evaluate_command(argv) -> int:
         return 2
     model, processor = loaded
     metrics = evaluate(model, processor, examples, max_tokens=args.max_tokens, rounds=args.rounds, seed=args.seed,
-                       max_length=args.max_length, decoding=args.decoding)
+                       max_length=args.max_length or None, decoding=args.decoding)
     metrics["files_failed"] = failed
     metrics["model"] = str(args.model)
     metrics["pdb_path"] = str(args.pdb_path)

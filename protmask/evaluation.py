@@ -17,8 +17,31 @@ from .structure import StructureError, parse_structure
 LENGTH_BUCKETS = (("<100", 0, 100), ("100-300", 100, 301), (">300", 301, 10**9))
 
 
+#: evaluate's default crop: a 100 000-residue complex would otherwise need a batch, and a distance matrix, of
+#: its whole length. Longer examples are cropped as in training (--max_length 0 turns it off).
+EVALUATE_MAX_LENGTH = 1024
+
+
+class SplitExamples:
+    """The rows of built splits as examples, read from the memory-mapped Arrow files a batch at a time: a
+    split is never held in memory at once."""
+
+    def __init__(self, splits):
+        self.splits = [split.with_format("numpy") for split in splits]
+        self.offsets = np.cumsum([0] + [len(split) for split in self.splits])
+        self.lengths = np.concatenate([np.asarray(split["length"]) for split in self.splits]) if self.splits else []
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> Example:
+        part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return to_example(self.splits[part][int(index - self.offsets[part])])
+
+
 def examples_from(pdb_path, split: str | None = None, min_length: int = 20):
-    """(examples, failed files) from a built dataset (one split or all), or from structure files."""
+    """(examples, failed files) from a built dataset (one split or all, read lazily), or from structure files
+    (parsed into memory: for large sets, build a dataset first)."""
     from .data.build import (BuildOptions, DatasetBuildError, filter_chains, find_structure_files, is_built_dataset,
                              load_built)
 
@@ -27,8 +50,7 @@ def examples_from(pdb_path, split: str | None = None, min_length: int = 20):
         if split and split not in dataset:
             raise DatasetBuildError(f"--split {split}: {pdb_path} has the splits {', '.join(dataset)}")
         splits = [split] if split else list(dataset)
-        rows = [row for name in splits for row in dataset[name].with_format("numpy")]
-        return [to_example(row) for row in rows], []
+        return SplitExamples([dataset[name] for name in splits]), []
     if split:
         raise DatasetBuildError(f"--split {split} needs a built dataset (protmask build-dataset prints its folder); "
                                 f"{pdb_path} is structure files")
@@ -49,16 +71,18 @@ def examples_from(pdb_path, split: str | None = None, min_length: int = 20):
 
 
 @torch.no_grad()
-def evaluate(model, processor: ProtMaskProcessor, examples: list[Example], max_tokens: int = 4000,
-             rounds: int = 10, seed: int = 0, max_length: int | None = None, progress=None,
+def evaluate(model, processor: ProtMaskProcessor, examples, max_tokens: int = 4000,
+             rounds: int = 10, seed: int = 0, max_length: int | None = EVALUATE_MAX_LENGTH, progress=None,
              decoding: str = "mask_predict") -> dict:
     """Masked, autoregressive teacher-forced and design metrics over ``examples``, with baselines on the
-    same chains. ``decoding`` is how the designs are made (greedy): ``mask_predict`` or ``autoregressive``."""
+    same chains. ``decoding`` is how the designs are made (greedy): ``mask_predict`` or ``autoregressive``.
+    ``examples``: a list of examples or `SplitExamples`; longer ones are cropped to ``max_length`` (None: not)."""
     from .data.sampler import LengthBucketBatchSampler
 
     device = next(model.parameters()).device
     processor = ProtMaskProcessor(processor.tokenizer, mask_ratio=model.config.mask_ratio, max_length=max_length)
-    lengths = [min(len(e), max_length or 10**9) for e in examples]
+    full_lengths = examples.lengths if isinstance(examples, SplitExamples) else [len(e) for e in examples]
+    lengths = [min(int(n), max_length or 10**9) for n in full_lengths]
     longest = max(lengths) if lengths else 0
     sampler = LengthBucketBatchSampler(lengths, max_tokens=max(max_tokens, -(-longest // 8) * 8), shuffle=False)
     stats = MaskedLMStats(device=device)

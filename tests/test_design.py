@@ -153,3 +153,18 @@ def test_command_line_design_evaluate_plot(memorised, sample_dir, edge_dir, tmp_
     done = run("plot", "--run", tmp_path / "run")
     assert done.returncode == 0 and (tmp_path / "run" / "training_curves.png").stat().st_size > 10_000
     assert run("plot", "--run", tmp_path / "nowhere").returncode == 2
+
+
+def test_evaluate_reads_a_built_split_lazily_and_crops_by_default(memorised, sample_build):
+    from protmask.evaluation import EVALUATE_MAX_LENGTH, SplitExamples
+
+    model, processor, _ = memorised
+    examples, failed = examples_from(sample_build.path, "test")
+    assert isinstance(examples, SplitExamples) and not failed  # rows are read a batch at a time
+    assert len(examples) == len(sample_build.dataset["test"]) and examples[0].name == sample_build.dataset["test"][0]["name"]
+    assert EVALUATE_MAX_LENGTH == 1024  # the default of `protmask evaluate --max_length`, in its --help
+    metrics = evaluate(model, processor, examples, rounds=1, max_length=40)
+    longest = max(len(examples[i]) for i in range(len(examples)))
+    assert longest > 40 and metrics["num_structures"] == len(examples)
+    assert sum(b["num_chains"] for b in metrics["design_recovery_by_length"].values()) == metrics["num_chains"]
+    assert metrics["design_recovery_by_length"][">300"]["num_chains"] == 0  # every example cropped to 40
