@@ -165,3 +165,30 @@ def test_gpu_settings_follow_the_device(sample_build):
                                                       ProtMaskTokenizer())
     assert train_loader.persistent_workers and validation_loader.persistent_workers
     assert not train_loader.pin_memory  # pinned (and copied non_blocking) only when CUDA is there
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_fp16_overflow_step_is_counted_and_does_not_advance_the_schedule(batches, fused):
+    # A real GradScaler (the CPU one; accelerate makes a CUDA one for fp16) whose first scale overflows the
+    # scaled loss: the update is skipped, so the schedule must not move. Fused AdamW skips inside its kernel.
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from transformers import get_scheduler
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
+    model = tiny()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=10)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    step = OptimizerStep(accelerator, model, optimizer, scheduler, label_smoothing=0.0, max_grad_norm=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    numbers = step(batches[:1])
+    assert numbers.overflowed and not numbers.nonfinite
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # nothing was updated
+    assert scheduler.scheduler.last_epoch == 0 and optimizer.param_groups[0]["lr"] == 1e-3
+    for _ in range(200):  # the scale comes down until the steps go through
+        if not (numbers := step(batches[:1])).overflowed:
+            break
+    assert not numbers.overflowed and scheduler.scheduler.last_epoch == 1

@@ -391,3 +391,36 @@ def test_latest_skips_a_damaged_checkpoint_and_a_named_one_is_refused(cache, uni
                                "--resume_from_checkpoint", previous], check=False)
     assert refused.returncode == 2
     assert f"--resume_from_checkpoint {previous} does not load" in refused.stderr
+
+
+def test_flags_given_with_a_loaded_model_apply_and_validation_is_plain_cross_entropy(cache, tmp_path):
+    base = tmp_path / "base"
+    launch(RESUME + ["--cache_dir", cache, "--max_train_steps", "1", "--save_dir", base])
+    tune = RESUME + ["--cache_dir", cache, "--max_train_steps", "1", "--model_name_or_path", base / "final",
+                     "--learning_rate", "1e-12"]  # weights stay put: only the flags differ
+    launch(tune + ["--dropout", "0.25", "--label_smoothing", "0.5", "--backbone_noise", "0", "--save_dir", tmp_path / "a"])
+    launch(tune + ["--save_dir", tmp_path / "b"])
+    saved = json.loads((base / "final" / "config.json").read_text())
+    a = json.loads((tmp_path / "a" / "final" / "config.json").read_text())
+    b = json.loads((tmp_path / "b" / "final" / "config.json").read_text())
+    assert (a["dropout"], a["label_smoothing"], a["backbone_noise"]) == (0.25, 0.5, 0.0)  # applied
+    assert (b["dropout"], b["label_smoothing"], b["backbone_noise"]) == (saved["dropout"], 0.0, saved["backbone_noise"])
+    # Training losses differ (smoothed, other dropout), validation is the same plain cross-entropy for both.
+    assert records(tmp_path / "a", "train")[0]["loss"] != records(tmp_path / "b", "train")[0]["loss"]
+    assert records(tmp_path / "a", "validation")[-1]["loss"] == pytest.approx(
+        records(tmp_path / "b", "validation")[-1]["loss"], rel=1e-6)
+
+
+@pytest.mark.faults
+def test_a_restart_before_the_first_checkpoint_starts_a_clean_log(cache, tmp_path):
+    command = [sys.executable, SCRIPT] + RESUME + ["--cache_dir", cache, "--max_train_steps", "100000",
+                                                   "--checkpointing_steps", "100000", "--save_dir", str(tmp_path)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    wait_for_training(tmp_path, process)
+    os.kill(process.pid, signal.SIGKILL)  # no checkpoint yet
+    process.wait()
+    assert records(tmp_path, "train") and not list_checkpoints(tmp_path)
+    launch(RESUME + ["--cache_dir", cache, "--max_train_steps", "3", "--save_dir", tmp_path,
+                     "--resume_from_checkpoint", "latest"])
+    assert [r["step"] for r in records(tmp_path, "train")] == [1, 2, 3]

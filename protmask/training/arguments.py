@@ -7,6 +7,10 @@ import argparse
 from ..data.arguments import add_data_arguments, build_options, default_cache_dir, fraction, positive_int  # noqa: F401
 
 
+#: Defaults of the flags that a --model_name_or_path run takes from the saved config unless they are given.
+MODEL_DEFAULTS = {"dropout": 0.1, "backbone_noise": 0.02, "label_smoothing": 0.0}
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -67,14 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--num_encoder_layers", type=non_negative_int, default=3, help="structure encoder layers")
     model.add_argument("--num_decoder_layers", type=non_negative_int, default=3, help="sequence decoder layers")
     model.add_argument("--num_neighbors", type=positive_int, default=48, help="k nearest neighbours per residue (CA)")
-    model.add_argument("--dropout", type=fraction, default=0.1, help="dropout on residual updates")
-    model.add_argument("--backbone_noise", type=float, default=0.02,
-                       help="std (Å) of Gaussian noise added to coordinates in training")
+    model.add_argument("--dropout", type=fraction, default=None,
+                       help=f"dropout on residual updates (default {MODEL_DEFAULTS['dropout']}; with "
+                            "--model_name_or_path the saved model's, unless given)")
+    model.add_argument("--backbone_noise", type=float, default=None,
+                       help=f"std (Å) of Gaussian noise added to coordinates in training (default "
+                            f"{MODEL_DEFAULTS['backbone_noise']}; with --model_name_or_path the saved model's, unless given)")
     model.add_argument("--mask_ratio", type=fraction, default=0.15, help="fraction of each chain's residues hidden")
     model.add_argument("--mask_ratio_max", type=fraction, default=None,
                        help="draw each chain's mask ratio uniformly from [--mask_ratio, this]; 1.0 trains for "
                             "whole-sequence design as well as fill-in")
-    model.add_argument("--label_smoothing", type=fraction, default=0.0, help="label smoothing of the loss")
+    model.add_argument("--label_smoothing", type=fraction, default=None,
+                       help="label smoothing of the training loss (default 0; with --model_name_or_path the saved "
+                            "model's, unless given). Validation and best/ use plain cross-entropy, as evaluate does")
     model.add_argument("--objective", choices=("masked", "autoregressive"), default="masked",
                        help="masked: hide --mask_ratio of each chain and predict it; autoregressive: predict every "
                             "residue in a random decoding order (ProteinMPNN's objective; needs --decoder_context "

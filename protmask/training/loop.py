@@ -26,6 +26,7 @@ from .reporting import RunLog, TrainingWindow, describe_run, model_card
 from .schedule import (build_scheduler, carry_schedule_over, effective_learning_rate, plan_steps,  # noqa: F401
                        warmup_steps)
 from .slurm import adopt_slurm_ranks
+from .arguments import MODEL_DEFAULTS
 from .step import OptimizerStep
 
 
@@ -307,11 +308,13 @@ def build_model(args):
     if args.model_name_or_path:
         model = ProtMaskForMaskedLM.from_pretrained(args.model_name_or_path, dtype=torch.float32)
         model.config.mask_ratio, model.config.mask_ratio_max = args.mask_ratio, args.mask_ratio_max
+        apply_training_flags(model, args)
     else:
         config = ProtMaskConfig(
             vocab_size=tokenizer.vocab_size, hidden_dim=args.hidden_dim, num_encoder_layers=args.num_encoder_layers,
-            num_decoder_layers=args.num_decoder_layers, num_neighbors=args.num_neighbors, dropout=args.dropout,
-            backbone_noise=args.backbone_noise, label_smoothing=args.label_smoothing, mask_ratio=args.mask_ratio,
+            num_decoder_layers=args.num_decoder_layers, num_neighbors=args.num_neighbors,
+            **{flag: default if getattr(args, flag) is None else getattr(args, flag)
+               for flag, default in MODEL_DEFAULTS.items()}, mask_ratio=args.mask_ratio,
             mask_ratio_max=args.mask_ratio_max, pad_token_id=tokenizer.pad_token_id,
             mask_token_id=tokenizer.mask_token_id, decoder_context=args.decoder_context,
         )
@@ -323,6 +326,26 @@ def build_model(args):
         model.activation_checkpointing_enable()
     model.train()
     return tokenizer, model
+
+
+def apply_training_flags(model, args) -> None:
+    """--dropout, --backbone_noise and --label_smoothing given with --model_name_or_path change the loaded
+    model (its config, saved with it, and its modules); flags not given keep the saved model's values."""
+    from ..models.modeling_protmask import Dropout
+
+    for flag in MODEL_DEFAULTS:
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        setattr(model.config, flag, value)
+        if flag == "dropout":
+            for module in model.modules():
+                if isinstance(module, Dropout):
+                    module.p = value
+        elif flag == "backbone_noise":
+            for module in model.modules():
+                if hasattr(module, "backbone_noise"):
+                    module.backbone_noise = value
 
 
 def build_optimizer(model, args, learning_rate, device):
@@ -360,7 +383,7 @@ def initial_state(resume_path, run: dict, train_sampler, num_processes: int, acc
     rank; the offset into the epoch is now counted in the epoch's global batches)."""
     group_size = num_processes * accumulation
     state = {"global_step": 0, "epoch": 0, "epoch_offset": 0, "epoch_group_size": group_size,
-             "best_validation_loss": None, "skipped_nonfinite_steps": 0}
+             "best_validation_loss": None, "skipped_nonfinite_steps": 0, "skipped_overflow_steps": 0}
     if resume_path is not None:
         saved = json.loads((resume_path / TRAINER_STATE).read_text())
         if "epoch_offset" not in saved:
@@ -376,7 +399,7 @@ def initial_state(resume_path, run: dict, train_sampler, num_processes: int, acc
 
 # --------------------------------------------------------------------------------------------- evaluation
 
-def evaluate(accelerator, model, loader, label_smoothing: float) -> dict:
+def evaluate(accelerator, model, loader) -> dict:
     """Validation on fixed masks. Each rank sums over its own batches (padding batches are empty, so no
     example is seen twice) and the sums are reduced once. The unwrapped model runs: no DDP collectives, so
     ranks may hold different numbers of non-empty batches."""
@@ -392,7 +415,7 @@ def evaluate(accelerator, model, loader, label_smoothing: float) -> dict:
                 continue
             with accelerator.autocast():
                 logits = network(**{k: v for k, v in batch.items() if k != "labels"}).logits
-            stats.update(logits, batch["labels"], batch["chain_index"], label_smoothing)
+            stats.update(logits, batch["labels"], batch["chain_index"])
     network.train(was_training)
     return stats.reduce(accelerator)
 
@@ -427,14 +450,13 @@ class Validation:
     def __init__(self, accelerator, args, model, loader, tokenizer, log, has_examples: bool):
         self.accelerator, self.args, self.model, self.loader = accelerator, args, model, loader
         self.tokenizer, self.log, self.has_examples = tokenizer, log, has_examples
-        self.label_smoothing = accelerator.unwrap_model(model).config.label_smoothing
         self.last, self.done_at = {}, None
 
     def __call__(self, state: dict, epoch: int) -> dict:
         if not self.has_examples or self.done_at == state["global_step"]:
             return self.last
         self.done_at = state["global_step"]
-        metrics = evaluate(self.accelerator, self.model, self.loader, self.label_smoothing)
+        metrics = evaluate(self.accelerator, self.model, self.loader)  # plain cross-entropy, as evaluate reports
         record = {"step": state["global_step"], "epoch": epoch, "split": "validation", **metrics}
         self.log.write(record)
         self.accelerator.print(
@@ -499,7 +521,9 @@ def train(args) -> dict:
     if resume_path is not None:
         restore(accelerator, args, resume_path, state, scheduler, optimizer, learning_rate)
 
-    log = RunLog(accelerator, Path(args.save_dir), forget_after=state["global_step"] if resume_path else None)
+    # A fresh start forgets every record (a run that died before its first checkpoint left some), a resumed
+    # one those after its checkpoint.
+    log = RunLog(accelerator, Path(args.save_dir), forget_after=state["global_step"])
     step = OptimizerStep(accelerator, model, optimizer, scheduler, accelerator.unwrap_model(model).config.label_smoothing,
                          args.max_grad_norm)
     validate = Validation(accelerator, args, model, validation_loader, tokenizer, log,
@@ -554,6 +578,8 @@ def train(args) -> dict:
 
 def count_nonfinite(state: dict, numbers, args, say) -> None:
     """A non-finite loss on any rank skipped the step on every rank; too many in a row stop the run."""
+    if numbers.overflowed:  # fp16 loss scaling: expected now and then, the scaler adjusts
+        state["skipped_overflow_steps"] = state.get("skipped_overflow_steps", 0) + 1
     if not numbers.nonfinite:
         state["consecutive_nonfinite"] = 0
         return
@@ -587,6 +613,7 @@ def finish(accelerator, args, model, tokenizer, state: dict, last_validation: di
     final_metrics = {"global_step": state["global_step"], "ranks": accelerator.num_processes,
                      "ranks_in_sync": parameters_in_sync(accelerator, model),
                      "skipped_nonfinite_steps": state["skipped_nonfinite_steps"],
+                     "skipped_overflow_steps": state.get("skipped_overflow_steps", 0),
                      **{f"validation_{k}": v for k, v in last_validation.items()}}
     plots = []
     if accelerator.is_main_process:

@@ -65,6 +65,7 @@ class TrainingWindow:
             "residues_per_s": self.residues / max(self.seconds, 1e-9),
             "data_wait_fraction": self.waiting / max(self.seconds, 1e-9),
             "skipped_nonfinite_steps": state["skipped_nonfinite_steps"],
+            "skipped_overflow_steps": state.get("skipped_overflow_steps", 0),
         }
         self.reset()
         return record

@@ -23,6 +23,7 @@ class StepNumbers:
     nonfinite: bool  # some rank's loss was not finite: every rank skipped the update alike
     preempted: bool  # some rank was signalled: every rank stops after this step
     learning_rate: float = 0.0  # the rate this step's update used
+    overflowed: bool = False  # fp16: the loss scaler found inf/NaN gradients and skipped the update
 
 
 class OptimizerStep:
@@ -65,7 +66,13 @@ class OptimizerStep:
         if not numbers.nonfinite:
             if self.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            scaler = getattr(accelerator, "scaler", None)  # fp16 only
+            scale = scaler.get_scale() if scaler is not None else None
             self.optimizer.step()
-            self.scheduler.step()
+            # The scaler lowers its scale when it skipped the update. Read it rather than the optimizer's
+            # step_was_skipped: fused AdamW skips inside its kernel, and that flag stays False.
+            numbers.overflowed = scaler is not None and scaler.get_scale() < scale
+            if not numbers.overflowed:  # a skipped update does not advance the schedule
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return numbers
