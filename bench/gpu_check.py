@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +35,25 @@ def card_peak(name: str) -> float | None:
     return None
 
 
+#: dtype -> the JSON file of the throughput run now going on (it rewrites it after every measurement).
+IN_PROGRESS: dict = {}
+
+
+def stop_and_keep(result: dict, output: str | None):
+    """SIGTERM (bench/gpu_check.sh's timeout): write what was measured so far, the running stage's finished
+    measurements included, and stop."""
+    def handle(number, frame):
+        for dtype, path in IN_PROGRESS.items():
+            try:
+                result[dtype] = {"results": json.loads(Path(path).read_text())["results"], "stopped": True}
+            except (OSError, ValueError, KeyError):
+                result[dtype] = {"results": [], "stopped": True}
+        result["stopped_by"] = signal.Signals(number).name
+        emit(result, output)
+        os._exit(124)
+    return handle
+
+
 def throughput(args, dtype: str, folder: Path) -> dict:
     output = folder / f"throughput-{dtype}.json"
     command = [sys.executable, str(ROOT / "bench" / "model_throughput.py"), "--device", args.device, "--dtype", dtype,
@@ -42,7 +63,9 @@ def throughput(args, dtype: str, folder: Path) -> dict:
                "--cache_dir", str(folder / "cache"), "--output", str(output)]
     if args.compile:
         command.append("--compile")
+    IN_PROGRESS[dtype] = output  # read back if this run is stopped (see stop_and_keep)
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+    del IN_PROGRESS[dtype]
     return json.loads(output.read_text())
 
 
@@ -86,6 +109,7 @@ def main() -> None:
     info = machine()
     peak = card_peak(info.get("gpu", ""))
     result = {"benchmark": "gpu_check", "machine": info, "bf16_peak_flops": peak}
+    signal.signal(signal.SIGTERM, stop_and_keep(result, args.output))
     with tempfile.TemporaryDirectory() as folder:
         for dtype in ("fp32", "bf16"):
             data = throughput(args, dtype, Path(folder))
@@ -97,8 +121,14 @@ def main() -> None:
                     entry["model_flops_utilisation"] = round(row["train_flops_per_residue"] * row["residues_per_s"] / peak, 4)
                 rows.append(entry)
             result[dtype] = {"results": rows, "comparison": data["comparison"]}
+            write_so_far(result, args.output)
         result["training_run"] = training_run(args, Path(folder))
     emit(result, args.output)
+
+
+def write_so_far(result: dict, output: str | None) -> None:
+    if output:
+        Path(output).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -289,6 +289,8 @@ def main() -> None:
                     spec = dict(base, variant=variant, hidden_dim=hidden, threads=threads, mode=mode)
                     results.append(spawn_spec(spec))
                     print(json.dumps(results[-1]), file=sys.stderr)
+                    if args.output:  # each measurement as it completes: a run cut short keeps what it measured
+                        Path(args.output).write_text(json.dumps({"partial": True, "results": results}, indent=1))
 
     comparisons = []
     for hidden in args.hidden_dims:
