@@ -635,6 +635,13 @@ def finish(accelerator, args, model, tokenizer, state: dict, last_validation: di
     return final_metrics
 
 
+def is_collective_timeout(error: BaseException) -> bool:
+    """gloo says "Timed out waiting ..."; NCCL's watchdog "Watchdog caught collective operation timeout: ...
+    ran for N milliseconds before timing out"."""
+    text = str(error).lower()
+    return "timed out" in text or "operation timeout" in text or "before timing out" in text
+
+
 def main(argv=None) -> int:
     from .arguments import build_parser
 
@@ -647,7 +654,7 @@ def main(argv=None) -> int:
     except Preempted:
         return PREEMPTED_EXIT_CODE
     except RuntimeError as error:  # gloo raises a plain RuntimeError, NCCL a DistBackendError (a subclass)
-        if "timed out" not in str(error).lower():
+        if not is_collective_timeout(error):
             raise
         print(f"train_accelerate.py: error: another process stopped answering for --process_group_timeout "
               f"{args.process_group_timeout} s ({str(error).splitlines()[0][:200]}); the job stops. See "
