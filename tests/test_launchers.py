@@ -186,3 +186,28 @@ def test_a_machine_whose_dataset_differs_is_refused_by_name(sample_dir, tmp_path
         assert "the processes of this job hold different datasets" in output, output[-3000:]
         assert "rank(s) 0 on" in output and "rank(s) 1 on" in output and str(tmp_path / "node1") in output
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_parse_workers_leave_a_signal_to_their_process(sample_dir, tmp_path):
+    # SIGTERM to the process group while two parse workers build: the workers neither die nor answer it;
+    # the build completes, and the run stops after its first step with a checkpoint, status 75.
+    data = tmp_path / "data"
+    for copy in range(3):  # a build that lasts long enough to be signalled in the middle
+        (data / str(copy)).mkdir(parents=True)
+        for file in sample_dir.iterdir():
+            os.link(file, data / str(copy) / file.name)
+    cache, save_dir = tmp_path / "cache", tmp_path / "run"
+    job = start(WORKERS + ["--pdb_path", data, "--num_proc", "2", "--cache_dir", cache, "--max_train_steps", "100000",
+                           "--save_dir", save_dir])
+    deadline = time.time() + 120
+    while not (cache.is_dir() and any(".tmp-" in p.name for p in cache.iterdir()) and len(descendants(job.pid)) >= 2):
+        assert time.time() < deadline and job.poll() is None, "the build and its parse pool did not start"
+        time.sleep(0.01)
+    os.killpg(job.pid, signal.SIGTERM)
+    stdout, stderr = job.communicate(timeout=240)
+    assert job.returncode == PREEMPTED_EXIT_CODE, stderr[-3000:]
+    assert stderr.count("received SIGTERM") == 1  # the rank alone; the workers ignored it
+    (report,) = cache.glob("protmask-dataset-*/build_report.json")
+    built = json.loads(report.read_text())
+    assert built["files_parsed"] == 3 * len(list(sample_dir.glob("*.gz"))) and not built["files_failed"]
+    assert checkpoint_step(stdout) == 1
