@@ -356,5 +356,5 @@ def test_design_and_evaluate_refuse_bad_requests_before_work(untrained, sample_d
     evaluate = lambda *a: run_cli("evaluate", "--model", run / "final", *a)  # noqa: E731
     bogus = evaluate("--pdb_path", sample_build.path, "--split", "bogus")
     assert bogus.returncode == 2 and "--split bogus" in bogus.stderr and "test" in bogus.stderr
-    zero = evaluate("--pdb_path", sample_dir, "--max_length", "0")
-    assert zero.returncode == 2 and "--max_length" in zero.stderr
+    negative = evaluate("--pdb_path", sample_dir, "--max_length", "-1")  # 0 is allowed: no crop, as in training
+    assert negative.returncode == 2 and "--max_length" in negative.stderr
