@@ -86,15 +86,20 @@ def to_the_process_group(job, ranks):
 
 def to_every_process(times):
     def deliver(job, ranks):
-        for attempt in range(times):  # SLURM signals every process of the step; a launcher forwards it again
-            for pid in [job.pid] + descendants(job.pid):
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            if attempt + 1 < times:
-                time.sleep(0.3)
+        signal_every_process([job], times)  # SLURM signals every process of the step; a launcher forwards it again
     return deliver
+
+
+def signal_every_process(tasks, times: int) -> None:
+    """SIGTERM to every process of the tasks and their descendants, ``times`` times 0.3 s apart."""
+    for attempt in range(times):
+        for pid in [p for task in tasks for p in [task.pid] + descendants(task.pid)]:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        if attempt + 1 < times:
+            time.sleep(0.3)
 
 
 def test_sigterm_to_a_single_process_runs_group_with_loader_workers(cache, tmp_path, reference):
@@ -124,13 +129,7 @@ def test_slurm_tasks_as_ranks_preempted_twice_finish_the_step_and_resume_identic
     save_dir = tmp_path / "run"
     tasks = slurm_step(WORKERS + ["--cache_dir", cache, "--max_train_steps", "100000", "--save_dir", save_dir])
     wait_for_training(save_dir, tasks[0])
-    for attempt in range(2):
-        for pid in [p for task in tasks for p in [task.pid] + descendants(task.pid)]:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.3)
+    signal_every_process(tasks, 2)
     outputs = [task.communicate(timeout=180) for task in tasks]
     assert [task.returncode for task in tasks] == [PREEMPTED_EXIT_CODE] * 2, outputs[0][1][-3000:]
     assert "ranks from SLURM: task 0 of 2" in outputs[0][0]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from protmask.training.arguments import build_parser
 from protmask.training.loop import effective_learning_rate, list_checkpoints
-from runner import (BIN, RESUME, ROOT, SCRIPT, TINY, descendants, free_port, launch, max_difference, records,
+from runner import (BIN, RESUME, ROOT, SCRIPT, TINY, free_port, launch, max_difference, rank_processes, records,
                     wait_for_training, weights)
 
 
@@ -355,9 +355,7 @@ def test_sigint_to_one_of_two_ranks_stops_both_after_the_same_step(cache, tmp_pa
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
     wait_for_training(tmp_path / "preempted", process)
-    ranks = [p for p in descendants(process.pid)
-             if "train_accelerate.py" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
-             and "accelerate" not in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace").split("\0")[0]]
+    ranks = rank_processes(process.pid)
     assert len(ranks) == 2, ranks
     os.kill(ranks[-1], signal.SIGINT)  # one rank only: the other learns of it in the step's all-reduce
     stdout, stderr = process.communicate(timeout=180)

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-from ..runtime import STOP_SIGNALS as SIGNALS, ignore_stop_signals  # noqa: F401 (workers use it)
+from ..runtime import STOP_SIGNALS as SIGNALS
 
 #: "Preempted, resumable": rerun with --resume_from_checkpoint latest (EX_TEMPFAIL of sysexits.h).
 PREEMPTED_EXIT_CODE = 75
