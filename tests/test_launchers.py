@@ -187,6 +187,46 @@ def test_a_machine_whose_dataset_differs_is_refused_by_name(sample_dir, tmp_path
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+WALK_COUNTER = """
+import os, sys
+_root, _log = os.path.realpath(os.environ["WALK_ROOT"]), os.environ["WALK_LOG"]
+def _count_walks(event, args):
+    path = args[0] if args and isinstance(args[0], (str, bytes, os.PathLike)) else None  # not a descriptor
+    if event == "os.scandir" and path is not None and os.path.realpath(os.fsdecode(path)) == _root:
+        with open(_log, "a") as log:
+            log.write(f"{os.environ.get('RANK')} {os.environ.get('GROUP_RANK')}\\n")
+sys.addaudithook(_count_walks)
+"""
+
+
+def test_starting_two_machines_of_two_ranks_walks_the_inputs_once_per_machine(sample_dir, tmp_path):
+    # Python's audit hook sees every os.scandir of the input folder in every process of the job: a first
+    # build and a later start that reuses it each cost one walk on each machine, by its first process.
+    from runner import BIN, ROOT, SCRIPT, TINY, free_port
+
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(WALK_COUNTER)
+    for attempt in ("build", "reuse"):
+        log = tmp_path / f"walks-{attempt}.txt"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "hook"),
+                                                                          os.environ.get("PYTHONPATH")])),
+                   WALK_ROOT=str(sample_dir), WALK_LOG=str(log))
+        port, processes = free_port(), []
+        for machine in (0, 1):
+            command = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--num_processes",
+                       "4", "--machine_rank", str(machine), "--main_process_ip", "127.0.0.1", "--main_process_port",
+                       str(port), SCRIPT] + TINY + [
+                "--pdb_path", str(sample_dir), "--cache_dir", str(tmp_path / f"node{machine}"),  # node-local
+                "--max_train_steps", "1", "--torch_threads", "1", "--save_dir", str(tmp_path / attempt)]
+            processes.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              text=True, env=env))
+        outputs = [p.communicate(timeout=400)[0] for p in processes]
+        assert all(p.returncode == 0 for p in processes), outputs[0][-3000:] + outputs[1][-3000:]
+        walks = sorted(log.read_text().split("\n")[:-1])
+        assert walks == ["0 0", "2 1"], (attempt, walks)  # rank 0 on machine 0, rank 2 on machine 1
+        assert (tmp_path / attempt / "final" / "model.safetensors").is_file()
+
+
 def test_parse_workers_leave_a_signal_to_their_process(sample_dir, tmp_path):
     # SIGTERM to the process group while two parse workers build: the workers neither die nor answer it;
     # the build completes, and the run stops after its first step with a checkpoint, status 75.

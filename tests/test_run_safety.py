@@ -227,6 +227,12 @@ def test_a_stalled_rank_ends_the_job_within_the_collective_timeout(sample_dir, t
     assert process.returncode != 0
     assert ended_after < 90
     assert "stopped answering for --process_group_timeout 4 s" in stderr, stderr[-6000:]
+    # Before the timeout, the waiting rank's own watch said so (on NCCL the watchdog ends the rank in C++,
+    # where the message above never prints).
+    spoken = re.search(r"rank [01] of 2 on \S+: no progress for \d+ s since step (\d+) \(--process_group_timeout 4 s\): "
+                       r"another process stopped answering", stderr)
+    assert spoken, stderr[-6000:]
+    assert stderr.index(spoken.group(0)) < stderr.index("stopped answering for --process_group_timeout")
 
 
 def test_the_trainer_rebuilds_a_damaged_cache_and_on_request(cache, tmp_path):

@@ -28,6 +28,7 @@ from .reporting import RunLog, TrainingWindow, describe_run, model_card
 from .schedule import (build_scheduler, carry_schedule_over, effective_learning_rate, plan_steps,  # noqa: F401
                        warmup_steps)
 from .slurm import adopt_slurm_ranks
+from .stall import watch_for_stalls
 from .step import OptimizerStep
 
 
@@ -305,7 +306,7 @@ def initial_state(resume_path, run: dict, train_sampler, num_processes: int, acc
 
 # --------------------------------------------------------------------------------------------- evaluation
 
-def evaluate(accelerator, model, loader) -> dict:
+def evaluate(accelerator, model, loader, beat=lambda where: None) -> dict:
     """Validation on fixed masks. Each rank sums over its own batches (padding batches are empty, so no
     example is seen twice) and the sums are reduced once. The unwrapped model runs: no DDP collectives, so
     ranks may hold different numbers of non-empty batches."""
@@ -316,7 +317,8 @@ def evaluate(accelerator, model, loader) -> dict:
     network.eval()
     stats = MaskedLMStats(device=accelerator.device)
     with torch.no_grad():
-        for batch in loader:
+        for number, batch in enumerate(loader):
+            beat(f"validation batch {number}")
             if batch is None:
                 continue
             with accelerator.autocast():
@@ -353,16 +355,17 @@ def micro_batch_groups(loader, accumulation: int):
 class Validation:
     """Validation at a step (once per step at most): log it, keep the best model, remember the numbers."""
 
-    def __init__(self, accelerator, args, model, loader, tokenizer, log, has_examples: bool):
+    def __init__(self, accelerator, args, model, loader, tokenizer, log, has_examples: bool, beat):
         self.accelerator, self.args, self.model, self.loader = accelerator, args, model, loader
-        self.tokenizer, self.log, self.has_examples = tokenizer, log, has_examples
+        self.tokenizer, self.log, self.has_examples, self.beat = tokenizer, log, has_examples, beat
         self.last, self.done_at = {}, None
 
     def __call__(self, state: dict, epoch: int) -> dict:
         if not self.has_examples or self.done_at == state["global_step"]:
             return self.last
         self.done_at = state["global_step"]
-        metrics = evaluate(self.accelerator, self.model, self.loader)  # plain cross-entropy, as evaluate reports
+        # Plain cross-entropy, as `protmask evaluate` reports.
+        metrics = evaluate(self.accelerator, self.model, self.loader, self.beat)
         record = {"step": state["global_step"], "epoch": epoch, "split": "validation", **metrics}
         self.log.write(record)
         self.accelerator.print(
@@ -432,8 +435,11 @@ def train(args) -> dict:
     log = RunLog(accelerator, Path(args.save_dir), forget_after=state["global_step"])
     step = OptimizerStep(accelerator, model, optimizer, scheduler, accelerator.unwrap_model(model).config.label_smoothing,
                          args.max_grad_norm)
+    # Multi-process runs: a rank left waiting in a collective says so before NCCL's watchdog ends it.
+    stall_watch = watch_for_stalls(accelerator, args.process_group_timeout)
+    beat = stall_watch.beat if stall_watch else (lambda where: None)
     validate = Validation(accelerator, args, model, validation_loader, tokenizer, log,
-                          has_examples=len(built.dataset["validation"]) > 0)
+                          has_examples=len(built.dataset["validation"]) > 0, beat=beat)
     window = TrainingWindow()
     finished = state["global_step"] >= max_train_steps
     with tqdm(total=max_train_steps, initial=state["global_step"], disable=not accelerator.is_local_main_process,
@@ -446,6 +452,7 @@ def train(args) -> dict:
                 numbers = step(group, lambda: preemption.requested)
                 state["global_step"] += 1
                 state["epoch_offset"] += len(group) * accelerator.num_processes
+                beat(f"step {state['global_step']}")
                 count_nonfinite(state, numbers, args, say)
                 window.add(numbers, time.perf_counter() - started + waiting, waiting)
                 progress.update(1)
@@ -470,7 +477,10 @@ def train(args) -> dict:
                     save_checkpoint(accelerator, args, dict(state))
 
     validate(state, state["epoch"])
+    beat("the end of training")
     final_metrics = finish(accelerator, args, model, tokenizer, state, validate.last)
+    if stall_watch:
+        stall_watch.close()
     if hub is not None:  # after the last collective: an upload may take longer than --process_group_timeout
         hub.push(Path(args.save_dir) / "final", say)
     if accelerator.num_processes > 1:
