@@ -48,9 +48,10 @@ def sample_build(tmp_path_factory):
     return build_dataset(SAMPLE_DATA, tmp_path_factory.mktemp("sample-cache"), num_proc=2, log=lambda *a: None)
 
 
-def pdb_atom_line(serial, name, resname, chain, resseq, xyz, occupancy=1.0, altloc=" ", icode=" ", record="ATOM"):
+def pdb_atom_line(serial, name, resname, chain, resseq, xyz, occupancy=1.0, altloc=" ", icode=" ", record="ATOM",
+                  element=None):
     """One fixed-column PDB ATOM/HETATM record."""
-    element = name.strip()[0]
+    element = element or name.strip()[0]
     atom_field = f" {name:<3s}" if len(name) < 4 else name
     return (
         f"{record:<6s}{serial:5d} {atom_field}{altloc}{resname:>3s} {chain}{resseq:4d}{icode}   "

@@ -231,3 +231,140 @@ def test_a_refused_bomb_is_never_held_in_memory(tmp_path):
     reason, grown_mb = done.stdout.strip().splitlines()
     assert "inflates past 100 MB" in reason and "without reading it into memory" in reason
     assert int(grown_mb) < 20
+
+
+# ------------------------------------------------------------------------- polymer-true chains, other atoms
+
+def _write_pdb(path, residues, extra=(), header=()):
+    """``residues``: (record, resname, chain, number, {atom: xyz}) in file order; ``extra``: more lines."""
+    lines, serial = list(header), 1
+    for record, resname, chain, number, atoms in residues:
+        for name, xyz in atoms.items():
+            element = "SE" if name == "SE" else None
+            lines.append(pdb_atom_line(serial, name, resname, chain, number, xyz, record=record, element=element))
+            serial += 1
+    path.write_text("\n".join(lines + list(extra) + ["END"]) + "\n")
+    return path
+
+
+def _crambin(edge_dir, count=46):
+    return [("ATOM", resname, "A", number, atoms) for number, (resname, atoms) in _crambin_residues(edge_dir, count).items()]
+
+
+def _moved(atoms, by):
+    return {name: [x + by for x in xyz] for name, xyz in atoms.items()}
+
+
+def test_a_free_amino_acid_is_a_ligand_and_other_atoms_are_kept_by_class(tmp_path, edge_dir):
+    from protmask.structure import ATOM_CLASSES, parse_entry
+
+    crambin = _crambin(edge_dir)
+    glu = next(atoms for _, resname, _, _, atoms in crambin if resname == "GLU")
+    ligands = [("HETATM", "GLU", "A", 901, _moved(glu, 30.0)),  # a free glutamate, 30 Å from the chain
+               ("HETATM", "ADP", "A", 902, {"PB": [40.0, 0, 0], "C1'": [41.0, 0, 0], "H1": [41.5, 0, 0]}),
+               ("HETATM", "HOH", "A", 903, {"O": [50.0, 0, 0]}),
+               ("ATOM", "DA", "B", 1, {"P": [60.0, 0, 0], "C1'": [61.0, 0, 0], "N9": [62.0, 0, 0]})]
+    extra = [pdb_atom_line(900, "ZN", "ZN", "A", 904, [70.0, 0, 0], record="HETATM", element="ZN")]
+    plain = parse_entry(_write_pdb(tmp_path / "plain.pdb", crambin))
+    entry = parse_entry(_write_pdb(tmp_path / "ligands.pdb", crambin + ligands, extra))
+    (chain,) = entry.chains
+    assert chain.sequence == plain.chains[0].sequence == "TTCCPSIVARSNFNVCRLPGTPEAICATYTGCIIIPGATCPGDYAN"
+    assert len(plain.atoms) == 0
+    atoms = entry.atoms
+    by_name = {}
+    for name, element, klass in zip(atoms.residue_names, atoms.elements, atoms.classes):
+        by_name.setdefault(name, []).append((element, ATOM_CLASSES[klass]))
+    assert len(by_name["GLU"]) == len(glu) == 9 and {k for _, k in by_name["GLU"]} == {"small_molecule"}
+    assert by_name["ADP"] == [("P", "small_molecule"), ("C", "small_molecule")]  # a free nucleotide, no hydrogen
+    assert by_name["DA"] == [("P", "nucleotide"), ("C", "nucleotide"), ("N", "nucleotide")]
+    assert by_name["ZN"] == [("ZN", "metal")] and "HOH" not in by_name
+    first_glu = atoms.residue_names.index("GLU")
+    assert np.allclose(atoms.coords[first_glu], np.add(glu["N"], 30.0), atol=1e-3)
+    assert atoms.chain_ids[atoms.residue_names.index("DA")] == "B"
+    assert atoms.residue_numbers[first_glu] == 901
+
+
+def test_selenomethionine_inside_a_chain_bonded_or_declared(tmp_path, edge_dir):
+    from protmask.structure import parse_entry
+
+    crambin = _crambin(edge_dir, count=6)
+    crambin[2] = ("HETATM", "MSE", "A", 3, {**crambin[2][4], "SE": [0.0, 0.0, 0.0]})  # bonded to both neighbours
+    # A C-terminal MSE after a gap: not bonded to anything. Declared by MODRES, it is a residue; without, a ligand.
+    terminal = ("HETATM", "MSE", "A", 20, _moved(crambin[5][4], 15.0))
+    modres = ["MODRES 1XYZ MSE A   20  MET  SELENOMETHIONINE"]
+    bonded = parse_entry(_write_pdb(tmp_path / "mse.pdb", crambin + [terminal]))
+    declared = parse_entry(_write_pdb(tmp_path / "modres.pdb", crambin + [terminal], header=modres))
+    assert bonded.chains[0].sequence == "TTMCPS" and set(bonded.atoms.residue_names) == {"MSE"}
+    assert bonded.atoms.residue_numbers.tolist() == [20] * len(terminal[4])
+    assert declared.chains[0].sequence == "TTMCPSM" and len(declared.atoms) == 0
+
+
+def test_mmcif_polymer_membership_comes_from_label_seq_id(tmp_path, edge_dir):
+    # 1CRN's last residue, ASN 46, rewritten as a HETATM modified residue moved 12 Å away (no peptide bond):
+    # with its label_seq_id it stays in the polymer; with "." it is a ligand.
+    from protmask.structure import parse_entry
+
+    text = gzip.open(edge_dir / "1crn.cif.gz", "rt").read().splitlines()
+
+    def rewrite(seq_id):
+        lines = []
+        for line in text:
+            fields = line.split()
+            if line.startswith("ATOM") and fields[8] == "46":
+                fields[0], fields[5], fields[8] = "HETATM", "MEN", seq_id  # N-methyl asparagine → N
+                fields[10:13] = [f"{float(v) + 12:.3f}" for v in fields[10:13]]
+                fields[-4] = "MEN"
+                line = " ".join(fields)
+            lines.append(line)
+        path = tmp_path / f"crambin-{seq_id.strip('.') or 'dot'}.cif"
+        path.write_text("\n".join(lines) + "\n")
+        return parse_entry(path)
+
+    kept, ligand = rewrite("46"), rewrite(".")
+    assert kept.chains[0].sequence.endswith("DYAN") and len(kept.chains[0]) == 46 and len(kept.atoms) == 0
+    assert len(ligand.chains[0]) == 45 and set(ligand.atoms.residue_names) == {"MEN"}
+    assert (kept.entry_id, kept.deposition_date, kept.release_date) == ("1crn", "1981-04-30", "1981-07-28")
+
+
+def test_alternate_locations_are_chosen_per_residue(tmp_path, edge_dir):
+    # Residue 2 in two conformers. N prefers A (0.6), CA, C and O prefer B (0.6): the residue's mean
+    # occupancy picks B for all four atoms, so N and CA never come from different conformers.
+    lines, serial = [], 1
+    occupancy = {"N": (0.6, 0.4), "CA": (0.4, 0.6), "C": (0.4, 0.6), "O": (0.4, 0.6)}
+    for number, (resname, atoms) in _crambin_residues(edge_dir).items():
+        for name, xyz in atoms.items():
+            if number == 2 and name in occupancy:
+                a, b = occupancy[name]
+                lines.append(pdb_atom_line(serial, name, resname, "A", number, xyz, a, "A")); serial += 1
+                lines.append(pdb_atom_line(serial, name, resname, "A", number, [x + 0.5 for x in xyz], b, "B"))
+            else:
+                lines.append(pdb_atom_line(serial, name, resname, "A", number, xyz))
+            serial += 1
+    path = tmp_path / "conformers.pdb"
+    path.write_text("\n".join(lines + ["END"]) + "\n")
+    (chain,) = parse_structure(path)
+    _, atoms = _crambin_residues(edge_dir)[2]
+    for column, name in enumerate(("N", "CA", "C", "O")):
+        assert np.allclose(chain.coords[1, column], np.add(atoms[name], 0.5), atol=1e-3), name
+
+
+@pytest.mark.parametrize("name, entry, assembly", [
+    ("pdb1abc.ent.gz", "1abc", None), ("1ABC.pdb", "1abc", None), ("1abc-assembly2.cif.gz", "1abc", "2"),
+    ("ab/1abc.pdb1.gz", "1abc", "1"), ("1abc.cif", "1abc", None), ("my_design.pdb", "my_design", None)])
+def test_entry_ids_from_wwpdb_and_pdbe_file_names(name, entry, assembly):
+    from protmask.structure import entry_id_from_name
+
+    assert entry_id_from_name(name) == (entry, assembly)
+
+
+def test_the_header_id_and_dates_win_over_the_file_name(tmp_path, sample_dir):
+    from protmask.structure import parse_entry
+
+    text = gzip.open(sample_dir / "1a8o.pdb.gz", "rt").read()
+    renamed = tmp_path / "pdb9xyz.ent"
+    renamed.write_text("HEADER    VIRAL PROTEIN                           27-MAR-98   1A8O              \n"
+                       "REVDAT   1   14-OCT-98 1A8O    0                                                \n" + text)
+    entry = parse_entry(renamed)
+    assert (entry.entry_id, entry.deposition_date, entry.release_date) == ("1a8o", "1998-03-27", "1998-10-14")
+    bare = parse_entry(sample_dir / "5emb.pdb.gz")  # no HEADER: the name, and no dates
+    assert (bare.entry_id, bare.deposition_date, bare.release_date) == ("5emb", None, None)
