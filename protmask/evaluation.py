@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.collator import Example, ProtMaskProcessor, to_example
+from .data.collator import RESIDUE_COLUMNS, Example, ProtMaskProcessor, to_example
 from .design.decoding import decode
 from .design.scoring import CONTEXT, ranked_log_probs
 from .metrics import IGNORE_INDEX, MaskedLMStats
@@ -27,7 +27,8 @@ class SplitExamples:
     split is never held in memory at once."""
 
     def __init__(self, splits):
-        self.splits = [split.with_format("numpy") for split in splits]
+        self.splits = [split.select_columns([c for c in RESIDUE_COLUMNS if c in split.column_names]).with_format("numpy")
+                       for split in splits]
         self.offsets = np.cumsum([0] + [len(split) for split in self.splits])
         self.lengths = np.concatenate([np.asarray(split["length"]) for split in self.splits]) if self.splits else []
 

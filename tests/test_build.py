@@ -234,11 +234,11 @@ def test_two_forced_builds_at_once_take_turns_and_neither_crashes(sample_dir, tm
 
 
 def _parse_or_die(path, max_bytes):
-    from protmask.data.build import parse_structure
+    from protmask.data.build import parse_entry
 
     if path.endswith("1p3c.pdb.gz"):
         os.kill(os.getpid(), 9)  # as the OS's out-of-memory killer would
-    return path, parse_structure(path, max_bytes), None, True
+    return path, parse_entry(path, max_bytes), None, True
 
 
 def test_a_killed_parse_worker_is_that_files_failure_and_the_build_goes_on(sample_dir, tmp_path, monkeypatch):
@@ -337,3 +337,29 @@ def test_prune_keeps_a_dataset_that_a_run_is_reading(sample_dir, tmp_path):
     reader.communicate("")  # the run ends
     build_dataset(data, cache, num_proc=1, prune=True, log=said.append)
     assert not old.path.exists() and new.path.is_dir() and "removed 1 superseded" in said[-1]
+
+
+def test_rows_carry_the_entry_and_its_other_atoms_and_a_crop_keeps_the_near_ones(sample_build):
+    from protmask.data.collator import CONTEXT_CROP_RADIUS, StructureDataset, crop, to_example
+    from protmask.structure import ATOM_CLASSES, parse_entry
+
+    rows = {row["name"]: row for split in sample_build.dataset for row in sample_build.dataset[split]}
+    row = rows["1a28"]  # progesterone receptor with its steroid (STR), two chains
+    entry = parse_entry(row["source"])
+    assert row["entry_id"] == "1a28" and row["num_atoms"] == len(entry.atoms) > 0
+    assert set(row["atom_residue_names"]) == set(entry.atoms.residue_names) and "HOH" not in row["atom_residue_names"]
+    assert {ATOM_CLASSES[c] for c in row["atom_classes"]} <= set(ATOM_CLASSES)
+    assert np.allclose(np.reshape(row["atom_coords"], (-1, 3)), entry.atoms.coords)
+    # Training reads only the residue columns unless asked for the atoms.
+    # 19HC, a cytochrome with 18 hemes: a 40-residue crop keeps the hemes near it, not the others.
+    split = next(s for s in sample_build.dataset if "19hc" in sample_build.dataset[s]["name"])
+    index = list(sample_build.dataset[split]["name"]).index("19hc")
+    assert "atom_coords" not in StructureDataset(sample_build.dataset[split])[index]
+    example = to_example(StructureDataset(sample_build.dataset[split], with_atoms=True)[index])
+    assert len(example.atoms) == rows["19hc"]["num_atoms"] == 794
+    cropped, keep = crop(example, 40, np.random.default_rng(0))
+    kept_backbone = example.coords[keep].reshape(-1, 3)
+    distance = np.linalg.norm(example.atoms.coords[:, None] - kept_backbone[None], axis=-1)
+    near = np.nanmin(distance, axis=1) <= CONTEXT_CROP_RADIUS
+    assert 0 < len(cropped.atoms) == near.sum() < len(example.atoms)
+    assert np.allclose(cropped.atoms.coords, example.atoms.coords[near])

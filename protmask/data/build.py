@@ -22,12 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime import ignore_stop_signals, usable_cpus
-from ..structure import StructureError, is_content_error, is_structure_file, parse_structure
+from ..structure import StructureError, is_content_error, is_structure_file, parse_entry
 from ..locking import LockHeld, exclusive_lock, shared_lock
 from .parse_cache import ParseCache, file_key
 
 #: Bump when the row layout or the parsing rules change, so that old caches are rebuilt.
-BUILD_FORMAT_VERSION = 1
+BUILD_FORMAT_VERSION = 2
+#: Above this share of kept chains missing from --cluster_file, the build warns.
+UNCLUSTERED_WARNING_SHARE = 0.05
 REPORT_NAME = "build_report.json"
 SPLITS = ("train", "validation", "test")
 LIST_SUFFIXES = (".txt", ".list", ".lst")
@@ -110,6 +112,19 @@ def dataset_features():
             "resolution": Value("float32"),
             "length": Value("int32"),
             "num_valid": Value("int32"),
+            # The entry (see structure.ParsedEntry), and its heavy atoms that are not protein residues:
+            # coordinates flat (M×3), then one value per atom; classes index structure.ATOM_CLASSES.
+            "entry_id": Value("string"),
+            "assembly_id": Value("string"),
+            "deposition_date": Value("string"),
+            "release_date": Value("string"),
+            "atom_coords": List(Value("float32")),
+            "atom_elements": List(Value("string")),
+            "atom_residue_names": List(Value("string")),
+            "atom_chain_ids": List(Value("string")),
+            "atom_residue_numbers": List(Value("int32")),
+            "atom_classes": List(Value("int8")),
+            "num_atoms": Value("int32"),
         }
     )
 
@@ -258,10 +273,10 @@ def fingerprint(files: list[Path], options: BuildOptions) -> str:
 def _parse_one(path: str, max_bytes: int):
     """Worker: parse one file; every failure comes back as data, never as an exception.
 
-    Returns (path, chains, error, cacheable): only results the file's bytes determine are cacheable; an I/O
+    Returns (path, entry, error, cacheable): only results the file's bytes determine are cacheable; an I/O
     error, a missing file or a worker out of memory is this build's failure and is tried again next time."""
     try:
-        return path, parse_structure(path, max_bytes), None, True
+        return path, parse_entry(path, max_bytes), None, True
     except StructureError as error:
         return path, None, error.reason, not error.transient
     except MemoryError:
@@ -336,8 +351,9 @@ def filter_chains(chains, options: BuildOptions):
     return kept, dropped
 
 
-def _row(name: str, source: str, chains) -> dict:
+def _row(name: str, source: str, chains, entry) -> dict:
     coords = np.concatenate([c.coords for c in chains]).astype(np.float32)
+    atoms = entry.atoms
     return {
         "name": name,
         "source": source,
@@ -351,6 +367,17 @@ def _row(name: str, source: str, chains) -> dict:
         "resolution": chains[0].resolution,
         "length": int(coords.shape[0]),
         "num_valid": int(np.isfinite(coords).all(axis=(1, 2)).sum()),
+        "entry_id": entry.entry_id,
+        "assembly_id": entry.assembly_id,
+        "deposition_date": entry.deposition_date,
+        "release_date": entry.release_date,
+        "atom_coords": np.asarray(atoms.coords, dtype=np.float32).reshape(-1),
+        "atom_elements": list(atoms.elements),
+        "atom_residue_names": list(atoms.residue_names),
+        "atom_chain_ids": list(atoms.chain_ids),
+        "atom_residue_numbers": np.asarray(atoms.residue_numbers, dtype=np.int32),
+        "atom_classes": np.asarray(atoms.classes, dtype=np.int8),
+        "num_atoms": len(atoms),
     }
 
 
@@ -447,6 +474,14 @@ def _summary(report: dict) -> str:
         for s in SPLITS
     )
     lines.append(f"splits ({report['split_by']}): {sizes}")
+    if "chains_not_in_cluster_file" in report:
+        missing, kept = report["chains_not_in_cluster_file"], max(report["chains_kept"], 1)
+        lines.append(f"cluster file: {missing} of {report['chains_kept']} kept chains ({missing / kept:.1%}) are not "
+                     "in it and are grouped by identical sequence only")
+        if missing / kept > UNCLUSTERED_WARNING_SHARE:
+            lines.append(f"  warning: over {UNCLUSTERED_WARNING_SHARE:.0%} of the chains are not in --cluster_file: "
+                         "it may predate these entries or name them differently (it must use PDB ids with chain "
+                         "ids, 1abc_A); relatives of unclustered chains can land in different splits")
     for item in report.get("paths_skipped", [])[:10]:
         lines.append(f"  skipped: {item['path']}: {item['reason']}")
     failed = report["files_failed"]
@@ -654,7 +689,7 @@ def _build(pdb_path, cache_dir, target: Path, key: str, files, root, skipped, op
     parse_cache = ParseCache(cache_dir, options.max_file_mb << 20).load()
 
     def parsed():
-        """(path, chains, error) for every file in order: from the parse cache when the file is unchanged,
+        """(path, entry, error) for every file in order: from the parse cache when the file is unchanged,
         else parsed now (in parallel) and added to the cache."""
         paths = [str(p) for p in files]
         keys = [file_key_or_none(p) for p in paths]
@@ -666,20 +701,21 @@ def _build(pdb_path, cache_dir, target: Path, key: str, files, root, skipped, op
             if key in parse_cache:
                 yield (path, *parse_cache.get(key, path))
                 continue
-            _, chains, error, cacheable = next(results)
+            _, entry, error, cacheable = next(results)
             if key is not None and cacheable:  # a read error or a killed worker may not recur
-                parse_cache.add(key, chains, error)
+                parse_cache.add(key, entry, error)
             elif error is not None:
                 report.setdefault("files_to_retry", []).append(path)
-            yield path, chains, error
+            yield path, entry, error
 
     def rows():
         nonlocal unclustered
-        for path, chains, error in parsed():
+        for path, entry, error in parsed():
             rel = entry_name(Path(path), root)
             if error is not None:
                 report["files_failed"].append({"file": path, "error": error})
                 continue
+            chains = entry.chains
             report["files_parsed"] += 1
             report["chains_seen"] += len(chains)
             resolution = chains[0].resolution
@@ -702,7 +738,9 @@ def _build(pdb_path, cache_dir, target: Path, key: str, files, root, skipped, op
             if clusters is not None:
                 keys = []
                 for chain in kept:
-                    cluster = clusters.get(f"{Path(rel).name.lower()}_{chain.chain_id}")
+                    # The entry's PDB id (header, or a wwPDB / PDBe file name), as cluster files name chains.
+                    cluster = clusters.get(f"{entry.entry_id}_{chain.chain_id}",
+                                           clusters.get(f"{Path(rel).name.lower()}_{chain.chain_id}"))
                     if cluster is None:
                         unclustered += 1
                         keys.append("seq:" + chain.sequence)
@@ -712,7 +750,7 @@ def _build(pdb_path, cache_dir, target: Path, key: str, files, root, skipped, op
                 keys = ["seq:" + chain.sequence for chain in kept]
             groups.append(keys)
             names.append(rel)
-            yield _row(rel, path, kept)
+            yield _row(rel, path, kept, entry)
 
     try:
         try:

@@ -16,13 +16,20 @@ import torch
 
 from ..metrics import IGNORE_INDEX
 from ..models.tokenization_protmask import ProtMaskTokenizer
-from ..structure import ProteinChain
+from ..structure import ContextAtoms, ParsedEntry, ProteinChain
 
 #: Training objectives: "masked" hides a share of residues; "autoregressive" scores every residue in a random
 #: decoding order (ProteinMPNN's objective; needs a model with decoder_context="causal").
 OBJECTIVES = ("masked", "autoregressive")
 #: The 80 / 10 / 10 split of masked positions: hidden, replaced by a random residue, left unchanged.
 MASK_TOKEN_FRACTION, RANDOM_TOKEN_FRACTION = 0.8, 0.1
+#: A crop keeps the context atoms within this distance (Å) of a kept residue's backbone: farther atoms
+#: cannot be among a kept residue's near neighbours.
+CONTEXT_CROP_RADIUS = 15.0
+#: The dataset columns a residue-only model reads (the context atoms are read only when asked for).
+RESIDUE_COLUMNS = ("name", "sequence", "coords", "chain_ids", "chain_lengths", "residue_numbers", "length")
+ATOM_COLUMNS = ("atom_coords", "atom_elements", "atom_residue_names", "atom_chain_ids", "atom_residue_numbers",
+                "atom_classes")
 
 
 @dataclass
@@ -35,15 +42,21 @@ class Example:
     chain_ids: list[str]
     chain_lengths: list[int]
     residue_numbers: np.ndarray  # int [L]
+    atoms: ContextAtoms | None = None  # the entry's other heavy atoms, when the source carries them
 
     def __len__(self) -> int:
         return len(self.sequence)
 
 
 def to_example(item: Any) -> Example:
-    """Accepts a `ProteinChain`, a list of `ProteinChain` (one complex), a dataset row, or an `Example`."""
+    """Accepts a `ProteinChain`, a list of `ProteinChain` (one complex), a `ParsedEntry` (with its atoms), a
+    dataset row, or an `Example`."""
     if isinstance(item, Example):
         return item
+    if isinstance(item, ParsedEntry):
+        example = to_example(item.chains)
+        example.atoms = item.atoms
+        return example
     if isinstance(item, ProteinChain):
         item = [item]
     if isinstance(item, (list, tuple)) and item and all(isinstance(c, ProteinChain) for c in item):
@@ -63,11 +76,45 @@ def to_example(item: Any) -> Example:
         chain_ids = [str(x) for x in item.get("chain_ids", [chr(65 + i) for i in range(len(lengths))])]
         numbers = item.get("residue_numbers")
         numbers = np.arange(1, len(sequence) + 1) if numbers is None else np.asarray(numbers)
-        return Example(str(item.get("name", "")), sequence, coords, chain_ids, lengths, numbers)
+        return Example(str(item.get("name", "")), sequence, coords, chain_ids, lengths, numbers, row_atoms(item))
     raise TypeError(
         f"cannot make a model input from {type(item).__name__}; give a ProteinChain, a list of ProteinChain "
         "(one complex) or a dataset row"
     )
+
+
+def row_atoms(row: Mapping) -> ContextAtoms | None:
+    """A dataset row's context atoms, or None when the row was read without them."""
+    if "atom_coords" not in row:
+        return None
+    return ContextAtoms(coords=np.asarray(row["atom_coords"], dtype=np.float32).reshape(-1, 3),
+                        elements=[str(e) for e in row["atom_elements"]],
+                        residue_names=[str(n) for n in row["atom_residue_names"]],
+                        chain_ids=[str(c) for c in row["atom_chain_ids"]],
+                        residue_numbers=np.asarray(row["atom_residue_numbers"], dtype=np.int32),
+                        classes=np.asarray(row["atom_classes"], dtype=np.int8))
+
+
+def atoms_near(atoms: ContextAtoms, coords: np.ndarray, radius: float = CONTEXT_CROP_RADIUS) -> ContextAtoms:
+    """The atoms within ``radius`` of any backbone atom in ``coords`` ([L, 4, 3], NaN where missing)."""
+    backbone = coords.reshape(-1, 3)
+    backbone = backbone[np.isfinite(backbone).all(-1)]
+    if len(atoms) == 0 or len(backbone) == 0:
+        return subset_atoms(atoms, np.zeros(len(atoms), dtype=bool))
+    near = np.zeros(len(atoms), dtype=bool)
+    for start in range(0, len(backbone), 256):  # bounded memory on a ribosome's worth of atoms
+        block = backbone[start:start + 256]
+        distance = np.linalg.norm(atoms.coords[:, None, :] - block[None, :, :], axis=-1)
+        near |= (distance <= radius).any(axis=1)
+    return subset_atoms(atoms, near)
+
+
+def subset_atoms(atoms: ContextAtoms, keep: np.ndarray) -> ContextAtoms:
+    index = np.flatnonzero(keep)
+    return ContextAtoms(coords=atoms.coords[index], elements=[atoms.elements[i] for i in index],
+                        residue_names=[atoms.residue_names[i] for i in index],
+                        chain_ids=[atoms.chain_ids[i] for i in index],
+                        residue_numbers=atoms.residue_numbers[index], classes=atoms.classes[index])
 
 
 def residue_index(numbers: np.ndarray, chain_lengths: Sequence[int]) -> np.ndarray:
@@ -110,6 +157,7 @@ def crop(example: Example, max_length: int, rng: np.random.Generator) -> tuple[E
         chain_ids=[example.chain_ids[i] for i in kept_chains],
         chain_lengths=[int((chain_of == i).sum()) for i in kept_chains],
         residue_numbers=example.residue_numbers[keep],
+        atoms=None if example.atoms is None else atoms_near(example.atoms, example.coords[keep]),
     )
     return cropped, keep
 
@@ -285,8 +333,10 @@ class StructureDataset(torch.utils.data.Dataset):
     the collator so that masks depend on (seed, epoch, example) and not on workers or batch boundaries.
     """
 
-    def __init__(self, hf_dataset):
-        self.data = hf_dataset.with_format("numpy")
+    def __init__(self, hf_dataset, with_atoms: bool = False):
+        # Only the columns the examples use: a row's context atoms can outweigh its residues many times.
+        columns = [c for c in RESIDUE_COLUMNS + (ATOM_COLUMNS if with_atoms else ()) if c in hf_dataset.column_names]
+        self.data = hf_dataset.select_columns(columns).with_format("numpy")
 
     def __len__(self) -> int:
         return len(self.data)

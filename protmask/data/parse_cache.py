@@ -2,7 +2,7 @@
 mirror parses only those.
 
 Each build appends one Arrow shard to ``<cache_dir>/protmask-parsed-<version>/``: a row per chain (or one row
-with the error) of every file it parsed, keyed by the file's path, size and modification time. A later build
+with the error) of every file it parsed, the entry's id, dates and context atoms on its first row, keyed by the file's path, size and modification time. A later build
 looks each file up by that key; a file whose key is new is parsed again. Results are unfiltered, so builds
 with other filter or split options reuse them too. ``compact`` keeps only the keys still in use.
 """
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..structure import ProteinChain
+from ..structure import ContextAtoms, ParsedEntry, ProteinChain
 
 #: Bump when parsing rules change (the dataset format version covers them too).
-PARSE_CACHE_VERSION = 1
+PARSE_CACHE_VERSION = 2
 
 
 def file_key(path) -> str:
@@ -32,7 +32,17 @@ def _schema():
     return pa.schema([("key", pa.string()), ("error", pa.string()), ("chain_id", pa.string()),
                       ("sequence", pa.string()), ("coords", pa.list_(pa.float32())),
                       ("residue_numbers", pa.list_(pa.int32())), ("insertion_codes", pa.string()),
-                      ("method", pa.string()), ("resolution", pa.float32()), ("notes", pa.list_(pa.string()))])
+                      ("method", pa.string()), ("resolution", pa.float32()), ("notes", pa.list_(pa.string())),
+                      # The entry's own fields, on its first row:
+                      ("entry_id", pa.string()), ("deposition_date", pa.string()), ("release_date", pa.string()),
+                      ("assembly_id", pa.string()), ("atom_coords", pa.list_(pa.float32())),
+                      ("atom_elements", pa.list_(pa.string())), ("atom_residue_names", pa.list_(pa.string())),
+                      ("atom_chain_ids", pa.list_(pa.string())), ("atom_residue_numbers", pa.list_(pa.int32())),
+                      ("atom_classes", pa.list_(pa.int8()))])
+
+
+def _numbers(cell):
+    return cell.values.to_numpy(zero_copy_only=False)
 
 
 class ParseCache:
@@ -66,7 +76,7 @@ class ParseCache:
         return key in self.index
 
     def get(self, key: str, path: str):
-        """(chains, error) as the parser gave them for this file."""
+        """(ParsedEntry, error) as the parser gave them for this file."""
         number, start, rows = self.index[key]
         part = self.tables[number].slice(start, rows)
         error = part.column("error")[0].as_py()
@@ -75,16 +85,22 @@ class ParseCache:
         columns = {name: part.column(name) for name in part.column_names}
         chains = []
         for row in range(rows):
-            coords = columns["coords"][row].values.to_numpy(zero_copy_only=False).reshape(-1, 4, 3)
-            resolution = columns["resolution"][row].as_py()
             chains.append(ProteinChain(
-                chain_id=columns["chain_id"][row].as_py(), sequence=columns["sequence"][row].as_py(), coords=coords,
-                residue_numbers=columns["residue_numbers"][row].values.to_numpy(zero_copy_only=False),
+                chain_id=columns["chain_id"][row].as_py(), sequence=columns["sequence"][row].as_py(),
+                coords=_numbers(columns["coords"][row]).reshape(-1, 4, 3),
+                residue_numbers=_numbers(columns["residue_numbers"][row]),
                 insertion_codes=columns["insertion_codes"][row].as_py(), method=columns["method"][row].as_py(),
-                resolution=resolution, source=path, notes=columns["notes"][row].as_py()))
-        return chains, None
+                resolution=columns["resolution"][row].as_py(), source=path, notes=columns["notes"][row].as_py()))
+        first = {name: columns[name][0] for name in columns}
+        atoms = ContextAtoms(
+            coords=_numbers(first["atom_coords"]).reshape(-1, 3), elements=first["atom_elements"].as_py(),
+            residue_names=first["atom_residue_names"].as_py(), chain_ids=first["atom_chain_ids"].as_py(),
+            residue_numbers=_numbers(first["atom_residue_numbers"]), classes=_numbers(first["atom_classes"]))
+        return ParsedEntry(chains=chains, atoms=atoms, entry_id=first["entry_id"].as_py(),
+                           deposition_date=first["deposition_date"].as_py(),
+                           release_date=first["release_date"].as_py(), assembly_id=first["assembly_id"].as_py()), None
 
-    def add(self, key: str, chains, error) -> None:
+    def add(self, key: str, entry: ParsedEntry | None, error) -> None:
         """Record a fresh parse result in this build's shard (written as the build goes, published at `close`)."""
         import pyarrow as pa
 
@@ -100,7 +116,15 @@ class ParseCache:
                          residue_numbers=np.asarray(c.residue_numbers, dtype=np.int32),
                          insertion_codes=c.insertion_codes, method=c.method,
                          resolution=None if c.resolution is None else float(c.resolution), notes=list(c.notes))
-                    for c in chains]
+                    for c in entry.chains]
+            atoms = entry.atoms
+            rows[0].update(entry_id=entry.entry_id, deposition_date=entry.deposition_date,
+                           release_date=entry.release_date, assembly_id=entry.assembly_id,
+                           atom_coords=np.asarray(atoms.coords, dtype=np.float32).reshape(-1),
+                           atom_elements=list(atoms.elements), atom_residue_names=list(atoms.residue_names),
+                           atom_chain_ids=list(atoms.chain_ids),
+                           atom_residue_numbers=np.asarray(atoms.residue_numbers, dtype=np.int32),
+                           atom_classes=np.asarray(atoms.classes, dtype=np.int8))
         self.writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=_schema()))
 
     def close(self) -> None:
