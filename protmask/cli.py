@@ -16,7 +16,7 @@ def build_dataset_command(argv) -> int:
         description="Parse structure files into an Arrow dataset (train / validation / test) cached on disk, "
                     "with build_report.json accounting for every file.",
     )
-    add_data_arguments(parser)
+    add_data_arguments(parser, seed_is_split_seed=True)
     parser.add_argument("--force", action="store_true", help="rebuild even when a cached build matches")
     parser.add_argument("--prune", action="store_true",
                         help="afterwards remove the other dataset builds in --cache_dir and parse results of files "

@@ -106,12 +106,12 @@ def test_list_file_input(sample_dir, tmp_path):
 
 
 def test_splits_deterministic_and_follow_clusters(sample_build, sample_dir, tmp_path):
-    options = BuildOptions(seed=3)
+    options = BuildOptions(split_seed=3)
     groups = [["a"], ["b"], ["a", "c"], ["d"], ["c"], ["e"], ["f"], ["g"], ["h"], ["i"]]
-    first = assign_splits(groups, options)
-    assert first == assign_splits(groups, options)
+    first = assign_splits(groups, options).assignment
+    assert first == assign_splits(groups, options).assignment
     assert len({first[0], first[2], first[4]}) == 1  # linked through shared keys a and c
-    assert any(assign_splits(groups, BuildOptions(seed=s)) != first for s in range(4, 10))
+    assert any(assign_splits(groups, BuildOptions(split_seed=s)).assignment != first for s in range(4, 10))
 
     # A cluster file that puts two different proteins in one cluster keeps them in one split.
     cluster_file = tmp_path / "clusters.tsv"
@@ -119,7 +119,7 @@ def test_splits_deterministic_and_follow_clusters(sample_build, sample_dir, tmp_
     result = build_dataset(sample_dir, tmp_path / "cache", BuildOptions(cluster_file=str(cluster_file)), num_proc=2, **quiet)
     where = {row["name"]: split for split in result.dataset for row in result.dataset[split]}
     assert where["1a8q"] == where["1p3c"]
-    assert result.report["split_by"] == "cluster file"
+    assert result.report["split_by"].startswith("cluster file and identical chain sequence")
 
 
 def test_clear_errors_before_work(tmp_path, edge_dir):
@@ -363,3 +363,97 @@ def test_rows_carry_the_entry_and_its_other_atoms_and_a_crop_keeps_the_near_ones
     near = np.nanmin(distance, axis=1) <= CONTEXT_CROP_RADIUS
     assert 0 < len(cropped.atoms) == near.sum() < len(example.atoms)
     assert np.allclose(cropped.atoms.coords, example.atoms.coords[near])
+
+
+def _entries_with_splits(result):
+    return {row["name"]: split for split in result.dataset for row in result.dataset[split]}
+
+
+def _crambin_variant(edge_dir, path, change: dict, header: str = ""):
+    """1CRN (PDB text) with residues renamed by number, e.g. {1: "ALA"}: a distinct sequence, same backbone."""
+    lines = []
+    for line in (edge_dir / "duplicate_atoms_no_altloc_1crn.pdb").read_text().splitlines():
+        if line.startswith("ATOM") and int(line[22:26]) in change:
+            line = line[:17] + change[int(line[22:26])] + line[20:]
+        lines.append(line)
+    path.write_text(header + "\n".join(lines) + "\n")
+    return path
+
+
+def test_wwpdb_names_match_the_cluster_file_and_unclustered_twins_stay_together(sample_dir, tmp_path):
+    # A wwPDB-style mirror: pdb1a8q.ent.gz in a two-letter folder, 1aki-assembly1.cif.gz. A cluster file in
+    # ProteinMPNN's list.csv form that names 1a8q but not the renamed identical copy of it.
+    mirror = tmp_path / "mirror"
+    (mirror / "a8").mkdir(parents=True)
+    (mirror / "ak").mkdir()
+    shutil.copy(sample_dir / "1a8q.pdb.gz", mirror / "a8" / "pdb1a8q.ent.gz")
+    shutil.copy(sample_dir / "1a8q.pdb.gz", mirror / "a8" / "twin.pdb.gz")  # an identical twin, unclustered
+    shutil.copy(sample_dir / "1aki.cif.gz", mirror / "ak" / "1aki-assembly1.cif.gz")
+    for name in ("1p3c.pdb.gz", "2fr2.pdb.gz", "3fh2.pdb.gz", "4bpy.pdb.gz", "5emb.pdb.gz"):
+        shutil.copy(sample_dir / name, mirror / name)
+    clusters = tmp_path / "list.csv"
+    clusters.write_text("CHAINID,DEPOSITION,RESOLUTION,HASH,CLUSTER,SEQUENCE\n1a8q_A,1998-03-01,1.8,x,7,M\n"
+                        "1aki_A,1997-05-19,1.5,x,8,K\n1p3c_A,2003-01-01,1.9,x,7,A\n")
+    result = build_dataset(mirror, tmp_path / "cache", BuildOptions(cluster_file=str(clusters)), num_proc=1, **quiet)
+    rows = {row["name"]: row for split in result.dataset for row in result.dataset[split]}
+    assert rows["a8/pdb1a8q"]["entry_id"] == "1a8q" and rows["ak/1aki-assembly1"]["assembly_id"] == "1"
+    where = _entries_with_splits(result)
+    assert where["a8/pdb1a8q"] == where["1p3c"]  # matched through the entry id, clustered together
+    assert where["a8/twin"] == where["a8/pdb1a8q"]  # the sequence key links the unclustered twin
+    report = result.report
+    assert report["chains_not_in_cluster_file"] == report["chains_kept"] - 3
+    out = []
+    build_dataset(mirror, tmp_path / "cache2", BuildOptions(cluster_file=str(clusters)), num_proc=1, log=out.append)
+    assert "are not in it" in out[-1] and "warning: over 5% of the chains are not in --cluster_file" in out[-1]
+
+
+def test_the_split_seed_is_not_the_training_seed(sample_dir, tmp_path):
+    from protmask.data.arguments import build_options
+    from protmask.training.arguments import build_parser
+
+    one, other = (build_options(build_parser().parse_args(["--seed", seed])) for seed in ("0", "1"))
+    assert one == other and one.split_seed == 0
+    assert build_options(build_parser().parse_args(["--seed", "1", "--split_seed", "4"])).split_seed == 4
+    groups = [[f"k{i}"] for i in range(40)]
+    assert assign_splits(groups, one).assignment != assign_splits(groups, BuildOptions(split_seed=4)).assignment
+
+
+def test_a_bridging_entry_moves_only_the_component_it_joins(edge_dir, tmp_path):
+    # Components {a, a2} (one sequence) and {b} (another); c shares a's and b's sequences (a two-chain entry).
+    # Adding c merges the two: the merged group takes the split of its smallest key, so exactly one of the two
+    # old groups may move, and no other entry does.
+    groups = [["seq:a"], ["seq:a"], ["seq:b"]] + [[f"seq:z{i}"] for i in range(30)]
+
+    def plan(seed, entries):
+        return assign_splits(entries, BuildOptions(split_seed=seed, validation_fraction=0.3, test_fraction=0.3)).assignment
+
+    seed = next(s for s in range(200) if plan(s, groups)[0] != plan(s, groups)[2])  # the two groups apart
+    options = BuildOptions(split_seed=seed, validation_fraction=0.3, test_fraction=0.3)
+    before = assign_splits(groups, options).assignment
+    after = assign_splits(groups + [["seq:a", "seq:b"]], options).assignment
+    assert after[-1] == after[0] == after[1] == after[2]  # one group now
+    assert after[3:33] == before[3:33]  # every entry of another group stays
+    moved = [i for i in range(3) if after[i] != before[i]]
+    assert moved == [2]  # the group of the larger key moved, whole, to the split of "seq:a"
+
+
+def test_a_date_split_holds_out_new_entries_and_their_relatives(sample_dir, tmp_path):
+    # Entries with release dates: "new" ones after 2020 go to test, with an old entry sharing a sequence.
+    groups = [["seq:x"], ["seq:x"], ["seq:y"], ["seq:z"], ["seq:w"]] + [[f"seq:o{i}"] for i in range(20)]
+    dates = ["2021-05-01", "1999-01-01", "2022-01-01", None, "2019-06-01"] + ["2000-01-01"] * 20
+    plan = assign_splits(groups, BuildOptions(test_release_after="2020-12-31", validation_release_after="2019-01-01",
+                                              max_component_share=1.0), dates)
+    split = plan.assignment
+    assert split[0] == split[1] == split[2] == "test"  # new, its old twin, and another new one
+    assert split[4] == "validation" and split[3] == "train" and set(split[5:]) == {"train"}
+
+
+def test_an_oversized_linked_group_goes_to_train_with_a_warning(sample_dir, tmp_path):
+    hub = [["seq:hub"]] * 12
+    groups = hub + [[f"seq:o{i}"] for i in range(88)]
+    for seed in range(30):  # whatever split the hub hashes to, it never lands in a held-out split
+        plan = assign_splits(groups, BuildOptions(split_seed=seed, max_component_share=0.5))
+        assert set(plan.assignment[:12]) == {"train"}
+    assert plan.components[0][:2] == (12, "train")
+    flagged = [assign_splits(groups, BuildOptions(split_seed=s)).oversized for s in range(30)]
+    assert any(item == [(12, 0)] for item in flagged)

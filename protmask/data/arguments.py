@@ -27,7 +27,18 @@ def fraction(text: str) -> float:
     return value
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+def iso_date(text: str) -> str:
+    import datetime
+
+    try:
+        return datetime.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date as YYYY-MM-DD, got {text}") from None
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, seed_is_split_seed: bool = False) -> None:
+    """The dataset flags. ``seed_is_split_seed``: `protmask build-dataset` also takes ``--seed`` for
+    ``--split_seed`` (its name before the trainer's --seed stopped choosing the split)."""
     group = parser.add_argument_group("data")
     group.add_argument("--pdb_path", default=str(SAMPLE_DATA),
                        help="folder of PDB/mmCIF files (.gz or not, searched recursively), one file, a list file "
@@ -57,7 +68,19 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                             "holds several times a file's size in memory")
     group.add_argument("--rebuild_dataset", action="store_true",
                        help="build the dataset again even when a cached build matches (e.g. after damage)")
-    group.add_argument("--seed", type=int, default=0, help="seed for splits, masking, shuffling and initialisation")
+    group.add_argument("--split_seed", *(["--seed"] if seed_is_split_seed else []), dest="split_seed", type=int,
+                       default=0, help="seed of the split (default: 0): separate from the trainer's --seed, so seed "
+                                       "replicates of a run train and are evaluated on the same split")
+    group.add_argument("--test_release_after", type=iso_date, default=None, metavar="YYYY-MM-DD",
+                       help="the field's date split: entries released after this date (deposited, when the file "
+                            "gives no release date) are the test set, with every entry that shares a chain "
+                            "sequence or cluster with them; --test_fraction is then not used")
+    group.add_argument("--validation_release_after", type=iso_date, default=None, metavar="YYYY-MM-DD",
+                       help="as --test_release_after for validation (entries released after it and not after the "
+                            "test date); --validation_fraction is then not used")
+    group.add_argument("--max_component_share", type=fraction, default=0.5,
+                       help="a group of linked entries larger than this share of the target size of the held-out split "
+                            "it falls in goes to train, with a warning, instead of swamping that split (default: 0.5)")
 
 
 def build_options(args):
@@ -70,6 +93,9 @@ def build_options(args):
         validation_fraction=args.validation_fraction,
         test_fraction=args.test_fraction,
         cluster_file=args.cluster_file,
-        seed=args.seed,
+        split_seed=args.split_seed,
+        test_release_after=args.test_release_after,
+        validation_release_after=args.validation_release_after,
+        max_component_share=args.max_component_share,
         max_file_mb=args.max_file_mb,
     )

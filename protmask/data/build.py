@@ -49,7 +49,10 @@ class BuildOptions:
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
     cluster_file: str | None = None
-    seed: int = 0
+    split_seed: int = 0
+    test_release_after: str | None = None  # ISO dates: the date split
+    validation_release_after: str | None = None
+    max_component_share: float = 0.5
     max_file_mb: int = 512
 
     def validate(self) -> None:
@@ -65,6 +68,12 @@ class BuildOptions:
                 raise DatasetBuildError(f"--{name} must be in [0, 1), got {value}")
         if self.validation_fraction + self.test_fraction >= 1.0:
             raise DatasetBuildError("--validation_fraction + --test_fraction must leave some data for training (sum < 1)")
+        if (self.test_release_after and self.validation_release_after
+                and self.validation_release_after > self.test_release_after):
+            raise DatasetBuildError(f"--validation_release_after {self.validation_release_after} is after "
+                                    f"--test_release_after {self.test_release_after}: validation must come before test")
+        if not 0.0 < self.max_component_share <= 1.0:
+            raise DatasetBuildError(f"--max_component_share must be in (0, 1], got {self.max_component_share}")
         if self.max_file_mb < 1:
             raise DatasetBuildError(f"--max_file_mb must be at least 1, got {self.max_file_mb}")
         if self.cluster_file is not None and not Path(self.cluster_file).is_file():
@@ -405,16 +414,18 @@ def read_cluster_file(path) -> dict[str, str]:
     return mapping
 
 
-def assign_splits(groups: list[list[str]], options: BuildOptions, clusters: dict | None = None):
-    """Split entries so that entries sharing a chain sequence (or a cluster) land in the same split, and an
-    entry's split depends only on its own component: adding or changing files moves no other entry.
+@dataclass
+class SplitPlan:
+    """Where every entry goes, and what the split looks like: one split name per entry, the linked groups
+    (components) largest first as (entries, split, first member), and a warning per oversized group."""
 
-    ``groups[i]`` lists the keys of entry ``i`` (its chains' sequences, or their cluster ids). Entries linked
-    by a shared key form one component; the component's smallest key, hashed with the seed, gives a number in
-    [0, 1) that falls in test, validation or train by the fractions. On a handful of entries a split asked for
-    may come out empty: it then takes the train component whose number lies nearest above its range.
-    Returns one split name per entry.
-    """
+    assignment: list[str]
+    components: list[tuple[int, str, int]]
+    oversized: list[tuple[int, int]]  # (entries, first member) of groups sent to train for their size
+
+
+def linked_components(groups: list[list[str]]) -> list[list[int]]:
+    """Entries linked by a shared key (a chain sequence or a cluster id), directly or through others."""
     parent = list(range(len(groups)))
 
     def find(i):
@@ -426,32 +437,79 @@ def assign_splits(groups: list[list[str]], options: BuildOptions, clusters: dict
     owner = {}
     for i, keys in enumerate(groups):
         for key in keys:
-            j = owner.setdefault(key, i)
-            ri, rj = find(i), find(j)
+            ri, rj = find(i), find(owner.setdefault(key, i))
             if ri != rj:
                 parent[max(ri, rj)] = min(ri, rj)
     components: dict[int, list[int]] = {}
     for i in range(len(groups)):
         components.setdefault(find(i), []).append(i)
-    bounds = {"test": options.test_fraction, "validation": options.test_fraction + options.validation_fraction}
-    assignment, positions = ["train"] * len(groups), {}
-    for root, members in components.items():
-        key = min(k for i in members for k in groups[i])
-        position = int.from_bytes(hashlib.sha256(f"{options.seed}\0{key}".encode()).digest()[:8], "big") / 2**64
-        positions[root] = position
-        split = "test" if position < bounds["test"] else "validation" if position < bounds["validation"] else "train"
-        for i in members:
-            assignment[i] = split
+    return list(components.values())
+
+
+def split_position(key: str, seed: int) -> float:
+    """A component's place in [0, 1): its smallest key hashed with --split_seed."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode()).digest()[:8], "big") / 2**64
+
+
+def describe_split_rule(options: BuildOptions, clustered: bool) -> str:
+    linked = "cluster file and identical chain sequence" if clustered else "identical chain sequence"
+    dated = [f"{split} after {date}" for split, date in (("test", options.test_release_after),
+                                                          ("validation", options.validation_release_after)) if date]
+    return linked + (f"; by release date: {', '.join(dated)}" if dated else "") + f"; split seed {options.split_seed}"
+
+
+def assign_splits(groups: list[list[str]], options: BuildOptions, dates: list[str | None] | None = None) -> SplitPlan:
+    """Split entries so that entries sharing a chain sequence or a cluster land in the same split, and an
+    entry's split depends only on its own component (the entries linked to it): adding or changing files
+    moves no entry whose component is unchanged.
+
+    ``groups[i]`` lists the keys of entry ``i``; ``dates[i]`` its release date (ISO) or None. A component
+    goes to test when one of its entries is released after --test_release_after, else to validation when
+    one is after --validation_release_after; the splits without a date rule take the rest by the component's
+    `split_position` and the fractions. A component larger than --max_component_share of the target size of
+    the held-out split it falls in (its fraction of the entries, or for a date split what the dates give) goes
+    to train instead. On a handful of entries a fraction split asked for may
+    come out empty: it then takes the train component whose position lies nearest above its range.
+    """
+    dates = dates or [None] * len(groups)
+    components = linked_components(groups)
+    by_date = {"test": options.test_release_after, "validation": options.validation_release_after}
+    fractions = {"test": 0.0 if by_date["test"] else options.test_fraction,
+                 "validation": 0.0 if by_date["validation"] else options.validation_fraction}
+    bounds = {"test": fractions["test"], "validation": fractions["test"] + fractions["validation"]}
+
+    def date_split(members):
+        for split in ("test", "validation"):
+            if by_date[split] and any(dates[i] and dates[i] > by_date[split] for i in members):
+                return split
+        return None
+
+    chosen, positions = {}, {}
+    for number, members in enumerate(components):
+        positions[number] = split_position(min(k for i in members for k in groups[i]), options.split_seed)
+        position = positions[number]
+        chosen[number] = date_split(members) or ("test" if position < bounds["test"] else
+                                                 "validation" if position < bounds["validation"] else "train")
+    targets = {split: (fractions[split] * len(groups) if not by_date[split] else
+                       sum(len(m) for n, m in enumerate(components) if chosen[n] == split)) for split in by_date}
+    caps = {split: max(1.0, options.max_component_share * target) for split, target in targets.items()}
+    oversized = []
+    for number, members in enumerate(components):
+        if chosen[number] != "train" and len(members) > caps[chosen[number]]:
+            chosen[number] = "train"
+            oversized.append((len(members), members[0]))
     if len(groups) >= 3:
         for split in ("test", "validation"):
-            wanted = options.test_fraction if split == "test" else options.validation_fraction
-            if wanted > 0 and split not in assignment and "train" in assignment:
-                candidates = [root for root in components if assignment[root] == "train"]
+            if fractions[split] > 0 and split not in chosen.values():
+                candidates = [n for n in chosen if chosen[n] == "train" and len(components[n]) <= caps[split]]
                 if len(candidates) > 1:
-                    chosen = min(candidates, key=lambda root: (positions[root] - bounds[split]) % 1.0)
-                    for i in components[chosen]:
-                        assignment[i] = split
-    return assignment
+                    chosen[min(candidates, key=lambda n: (positions[n] - bounds[split]) % 1.0)] = split
+    assignment = ["train"] * len(groups)
+    for number, members in enumerate(components):
+        for i in members:
+            assignment[i] = chosen[number]
+    largest = sorted(((len(m), chosen[n], m[0]) for n, m in enumerate(components)), key=lambda c: (-c[0], c[2]))
+    return SplitPlan(assignment, largest, oversized)
 
 
 def _count(report: dict, reason: str) -> None:
@@ -474,6 +532,12 @@ def _summary(report: dict) -> str:
         for s in SPLITS
     )
     lines.append(f"splits ({report['split_by']}): {sizes}")
+    shares = ", ".join(f"{s} {report['splits'][s].get('share', 0):.1%}" for s in SPLITS)
+    largest = ", ".join(f"{c['entries']} ({c['split']}, e.g. {c['example']})" for c in report.get("largest_components", [])[:3])
+    lines.append(f"  realised shares of entries: {shares}; largest linked groups: {largest}")
+    for item in report.get("oversized_components", []):
+        lines.append(f"  warning: a group of {item['entries']} linked entries (e.g. {item['example']}) is over "
+                     "--max_component_share of a held-out split and went to train")
     if "chains_not_in_cluster_file" in report:
         missing, kept = report["chains_not_in_cluster_file"], max(report["chains_kept"], 1)
         lines.append(f"cluster file: {missing} of {report['chains_kept']} kept chains ({missing / kept:.1%}) are not "
@@ -682,7 +746,7 @@ def _build(pdb_path, cache_dir, target: Path, key: str, files, root, skipped, op
         "filter_counts": {},
         "entries_filtered": [],
     }
-    groups, names = [], []
+    groups, names, chain_counts, dates = [], [], [], []
     clusters = read_cluster_file(options.cluster_file) if options.cluster_file else None
     unclustered = 0
 
@@ -735,20 +799,20 @@ def _build(pdb_path, cache_dir, target: Path, key: str, files, root, skipped, op
                 report["files_without_chains"].append(path)
                 continue
             report["chains_kept"] += len(kept)
+            # Both keys, always: an identical sequence links entries whether or not the cluster file knows them.
+            keys = ["seq:" + chain.sequence for chain in kept]
             if clusters is not None:
-                keys = []
                 for chain in kept:
                     # The entry's PDB id (header, or a wwPDB / PDBe file name), as cluster files name chains.
                     cluster = clusters.get(f"{entry.entry_id}_{chain.chain_id}",
                                            clusters.get(f"{Path(rel).name.lower()}_{chain.chain_id}"))
                     if cluster is None:
                         unclustered += 1
-                        keys.append("seq:" + chain.sequence)
                     else:
                         keys.append("cluster:" + cluster)
-            else:
-                keys = ["seq:" + chain.sequence for chain in kept]
             groups.append(keys)
+            chain_counts.append(len(kept))
+            dates.append(entry.release_date or entry.deposition_date)
             names.append(rel)
             yield _row(rel, path, kept, entry)
 
@@ -770,24 +834,30 @@ def _build(pdb_path, cache_dir, target: Path, key: str, files, root, skipped, op
                 f"no chain of the {len(files)} files under --pdb_path {pdb_path} passed the filters "
                 f"(--min_length {options.min_length}); see the reasons in {REPORT_NAME}"
             )
-        assignment = assign_splits(groups, options)
+        plan = assign_splits(groups, options, dates)
+        assignment = plan.assignment
         splits = {}
         for split in SPLITS:
             indices = [i for i, s in enumerate(assignment) if s == split]
             splits[split] = full.select(indices)
-        report["split_by"] = "cluster file" if clusters is not None else "identical chain sequence"
+        report["split_by"] = describe_split_rule(options, clusters is not None)
         if clusters is not None:
             report["chains_not_in_cluster_file"] = unclustered
         report["splits"] = {}
         lengths = np.asarray(full["length"])
-        chain_counts = np.asarray([len(g) for g in groups])
+        counts = np.asarray(chain_counts)
         for split in SPLITS:
             indices = [i for i, s in enumerate(assignment) if s == split]
             report["splits"][split] = {
                 "entries": len(indices),
-                "chains": int(chain_counts[indices].sum()) if indices else 0,
+                "share": round(len(indices) / len(assignment), 4),
+                "chains": int(counts[indices].sum()) if indices else 0,
                 "residues": int(lengths[indices].sum()) if indices else 0,
             }
+        report["entries_without_date"] = sum(d is None for d in dates)
+        report["largest_components"] = [{"entries": size, "split": split, "example": names[first]}
+                                        for size, split, first in plan.components[:5]]
+        report["oversized_components"] = [{"entries": size, "example": names[first]} for size, first in plan.oversized]
         report["seconds"] = round(time.time() - started, 2)
         report["files_per_second"] = round(len(files) / max(report["seconds"], 1e-9), 2)
         final_dir = staging / "dataset"

@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="recompute layer activations in the backward pass: less memory, ~20-35%% slower")
 
     train = parser.add_argument_group("training")
+    train.add_argument("--seed", type=int, default=0,
+                       help="seed of masking, shuffling, dropout and initialisation (the split has --split_seed)")
     train.add_argument("--epochs", type=positive_int, default=50, help="passes over the training split")
     train.add_argument("--batch_size", type=positive_int, default=8,
                        help="examples per device per step (global batch = this × processes × accumulation)")

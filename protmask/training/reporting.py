@@ -112,5 +112,6 @@ def describe_run(accelerator, args, built, threads: int, learning_rate: float, s
         f"warm-up steps{' (the default when scaling raises the rate)' if args.warmup_steps is None and warmup else ''}",
         f"data: {len(built.dataset['train'])} training / {len(built.dataset['validation'])} validation examples from "
         f"{built.path}; {steps_per_epoch} steps per epoch, {max_train_steps} steps in all",
+        f"split: by {built.report.get('split_by', 'identical chain sequence')}",
         f"model: {sum(p.numel() for p in model.parameters()):,} parameters; saving to {args.save_dir}",
     ])
