@@ -77,3 +77,27 @@ def test_groups_keep_one_steps_batches_together(lengths):
     ungrouped = LengthBucketBatchSampler(lengths, max_tokens=900, seed=3, group_size=1, bucket_batches=10)
     steps = len(ungrouped) // 2
     assert steps_out_of_length_order(ungrouped, lengths, 2) > max(2 * buckets, steps // 4)
+
+
+def test_cluster_sampling_draws_one_member_per_cluster_per_epoch_as_a_function_of_seed_and_epoch():
+    from protmask.data.sampler import sampling_clusters
+
+    # 40 copies of one family (cluster "big"), 20 singletons; entry 0 also holds a chain of cluster "x".
+    keys = [["big"]] * 40 + [[f"s{i}"] for i in range(20)]
+    keys[0] = ["big", "x"]
+    clusters = sampling_clusters(keys)
+    assert len(clusters) == 22 and sorted(clusters[0].tolist()) == list(range(40))
+    lengths = np.full(len(keys), 50)
+    sampler = LengthBucketBatchSampler(lengths, max_tokens=400, seed=3, clusters=clusters)
+    drawn = []
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        seen = [i for batch in sampler.plan(epoch) for i in batch]
+        assert len(seen) == 22 and set(range(40, 60)) <= set(seen)  # every singleton, one draw per cluster
+        assert sum(i < 40 for i in seen) in (1, 2)  # the family once (twice when "x" drew entry 0 too)
+        drawn.append(sorted(seen))
+    assert len({tuple(d) for d in drawn}) > 1  # another member of the family each epoch
+    again = LengthBucketBatchSampler(lengths, max_tokens=400, seed=3, clusters=clusters)
+    assert again.plan(4) == sampler.plan(4)  # any rank, any resumed run: the same epoch
+    other = LengthBucketBatchSampler(lengths, max_tokens=400, seed=4, clusters=clusters)
+    assert any(other.plan(e) != sampler.plan(e) for e in range(6))

@@ -422,3 +422,33 @@ def test_a_restart_before_the_first_checkpoint_starts_a_clean_log(cache, tmp_pat
     launch(RESUME + ["--cache_dir", cache, "--max_train_steps", "3", "--save_dir", tmp_path,
                      "--resume_from_checkpoint", "latest"])
     assert [r["step"] for r in records(tmp_path, "train")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("launcher", [None, "accelerate"])
+def test_cluster_sampling_resumes_exactly_across_epochs(sample_dir, tmp_path, launcher):
+    # A redundant set: 8 structures, two of them with 6 renamed copies each (identical chains, one cluster
+    # each). --sampling cluster draws 8 entries an epoch, not 20; interrupted and resumed (1 and 2 ranks,
+    # dropout and noise on, across epoch boundaries), it ends bit-identical to the uninterrupted run.
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir()
+    names = ["1a8q.pdb.gz", "5emb.pdb.gz", "1aki.cif.gz", "2fr2.pdb.gz", "3fh2.pdb.gz", "4bpy.pdb.gz",
+             "1p3c.pdb.gz", "5pti.cif.gz"]
+    for name in names:
+        shutil.copy(sample_dir / name, data / name)
+    for copy in range(6):
+        for name in names[:2]:
+            shutil.copy(sample_dir / name, data / f"copy{copy}_{name}")
+    common = TINY + ["--pdb_path", data, "--cache_dir", tmp_path / "cache", "--validation_fraction", "0",
+                     "--test_fraction", "0", "--max_tokens_per_batch", "512", "--sampling", "cluster",
+                     "--checkpointing_steps", "3"]
+    whole = launch(common + ["--max_train_steps", "6", "--save_dir", tmp_path / "whole"], launcher=launcher)
+    assert "sampling: cluster (one entry from each of 8 clusters per epoch)" in whole.stdout, whole.stdout[-3000:]
+    launch(common + ["--max_train_steps", "3", "--save_dir", tmp_path / "parts"], launcher=launcher)
+    resumed = launch(common + ["--max_train_steps", "6", "--save_dir", tmp_path / "parts",
+                               "--resume_from_checkpoint", "latest"], launcher=launcher)
+    assert "resumed from" in resumed.stdout
+    assert max_difference(weights(tmp_path / "parts"), weights(tmp_path / "whole")) == 0.0
+    epochs = [r["epoch"] for r in records(tmp_path / "whole", "train")]
+    assert epochs[-1] >= 2 and epochs[2] < epochs[-1]  # epoch boundaries after the resume point

@@ -1,4 +1,5 @@
-"""Length-bucketed batches under a padded-token budget (or a fixed count), seeded, with `set_epoch`.
+"""Length-bucketed batches under a padded-token budget (or a fixed count), seeded, with `set_epoch`, over
+every example or over one draw per cluster (ProteinMPNN's scheme).
 
 The sampler yields the same global list of batches on every rank; Accelerate's `BatchSamplerShard` deals
 them out, so each rank gets the same number (the first batches are repeated to fill the last round).
@@ -14,28 +15,51 @@ def padded(length: int, multiple: int | None) -> int:
     return -(-length // multiple) * multiple if multiple else length
 
 
+def sampling_clusters(keys_per_example) -> list[np.ndarray]:
+    """Examples grouped for cluster sampling: for each key (a chain's cluster), the examples that hold a chain
+    of it, keys in sorted order. An example of several clusters is in each of them, as ProteinMPNN draws per
+    chain cluster."""
+    members: dict[str, list[int]] = {}
+    for index, keys in enumerate(keys_per_example):
+        for key in dict.fromkeys(keys):
+            members.setdefault(key, []).append(index)
+    return [np.asarray(members[key], dtype=np.int64) for key in sorted(members)]
+
+
 class EpochOrder(Sampler[int]):
     """Example order for one epoch: a seeded permutation, or 0..n-1 when not shuffling.
 
-    It is the batch sampler's ``.sampler`` so that Accelerate's ``set_epoch`` finds it.
+    With ``clusters`` (from `sampling_clusters`) an epoch is one pass over clusters: cluster c contributes
+    its member ``floor(u_c × size)``, where u is drawn from (seed, epoch), so the draw is a function of
+    (seed, epoch, cluster) and every rank and every resumed run makes the same one. It is the batch
+    sampler's ``.sampler`` so that Accelerate's ``set_epoch`` finds it.
     """
 
-    def __init__(self, num_examples: int, shuffle: bool, seed: int):
+    def __init__(self, num_examples: int, shuffle: bool, seed: int, clusters: list[np.ndarray] | None = None):
         self.num_examples, self.shuffle, self.seed, self.epoch = num_examples, shuffle, seed, 0
+        self.clusters = clusters
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
+    def drawn(self, epoch: int) -> np.ndarray:
+        """The examples of this epoch before shuffling: all of them, or one per cluster."""
+        if self.clusters is None:
             return np.arange(self.num_examples)
-        return np.random.default_rng((self.seed, epoch)).permutation(self.num_examples)
+        u = np.random.default_rng((self.seed, epoch, 2)).random(len(self.clusters))
+        return np.asarray([members[int(x * len(members))] for x, members in zip(u, self.clusters)], dtype=np.int64)
+
+    def order(self, epoch: int) -> np.ndarray:
+        drawn = self.drawn(epoch)
+        if not self.shuffle:
+            return drawn
+        return drawn[np.random.default_rng((self.seed, epoch)).permutation(len(drawn))]
 
     def __iter__(self):
         return iter(self.order(self.epoch).tolist())
 
     def __len__(self) -> int:
-        return self.num_examples
+        return self.num_examples if self.clusters is None else len(self.clusters)
 
 
 class LengthBucketBatchSampler(Sampler[list]):
@@ -43,7 +67,8 @@ class LengthBucketBatchSampler(Sampler[list]):
 
     With shuffling, each epoch permutes the examples, sorts them by length within buckets of about
     ``bucket_batches`` batches (little padding, still random), cuts batches and shuffles the batch order.
-    Every example appears exactly once per epoch. ``group_size`` is the number of batches one optimizer step
+    Every example appears exactly once per epoch (with ``clusters``, one drawn member of each cluster; see
+    `EpochOrder`). ``group_size`` is the number of batches one optimizer step
     takes over all ranks (ranks × accumulation): shuffled batches move in groups of that many neighbours in
     length, so the ranks of one step carry similar work and none waits long at the gradient all-reduce, and
     a step's global batch is the same whether it is spread over ranks or accumulated on one. Without
@@ -68,6 +93,7 @@ class LengthBucketBatchSampler(Sampler[list]):
         group_size: int = 1,
         num_replicas: int = 1,
         tag_epoch: bool | None = None,
+        clusters: list[np.ndarray] | None = None,
     ):
         if max_tokens is None and max_examples is None:
             raise ValueError("give max_tokens (a padded-token budget) or max_examples (a batch size), or both")
@@ -79,7 +105,7 @@ class LengthBucketBatchSampler(Sampler[list]):
         self.num_replicas = num_replicas
         self.shuffle, self.seed = shuffle, seed
         self.tag_epoch = shuffle if tag_epoch is None else tag_epoch
-        self.sampler = EpochOrder(len(self.lengths), shuffle, seed)
+        self.sampler = EpochOrder(len(self.lengths), shuffle, seed, clusters)
         self.drop_last = False
         if max_tokens is not None and len(self.lengths):
             longest = padded(int(self.lengths.max()), pad_to_multiple_of)

@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="recompute layer activations in the backward pass: less memory, ~20-35%% slower")
 
     train = parser.add_argument_group("training")
+    train.add_argument("--sampling", choices=("auto", "cluster", "uniform"), default="auto",
+                       help="cluster: each epoch draws one entry per chain cluster (ProteinMPNN's scheme: redundant "
+                            "families no longer dominate; an epoch is one pass over clusters), from the dataset's "
+                            "clusters (--cluster_identity, --cluster_file) or else identical chain sequences; "
+                            "uniform: every entry once per epoch; auto: cluster when the dataset has clusters")
     train.add_argument("--seed", type=int, default=0,
                        help="seed of masking, shuffling, dropout and initialisation (the split has --split_seed)")
     train.add_argument("--epochs", type=positive_int, default=50, help="passes over the training split")

@@ -57,6 +57,8 @@ def run_definition(args, world_size: int, dataset_fingerprint: str, model_config
         "seed": args.seed,
         "dataset": dataset_fingerprint,
         "model": model,
+        # Only when asked for explicitly: definitions written before the flag existed stay equal.
+        **({"sampling": args.sampling} if getattr(args, "sampling", "auto") != "auto" else {}),
     }
 
 

@@ -102,3 +102,24 @@ def long_wait_group(args):
         _LONG_WAIT_GROUP = torch.distributed.new_group(
             backend="gloo", timeout=datetime.timedelta(seconds=args.dataset_build_timeout))
     return _LONG_WAIT_GROUP
+
+
+def sampling_keys(split) -> list[list[str]]:
+    """Per training entry, the clusters of its chains: the build's cluster ids, or for a chain without one
+    (no clustering, or absent from the cluster file) its exact sequence."""
+    ids = split["cluster_ids"] if "cluster_ids" in split.column_names else None
+    keys = []
+    for row, (sequence, lengths) in enumerate(zip(split["sequence"], split["chain_lengths"])):
+        starts = np.cumsum([0, *lengths])
+        chains = [sequence[a:b] for a, b in zip(starts[:-1], starts[1:])]
+        clusters = ids[row] if ids is not None else [""] * len(chains)
+        keys.append([f"cluster:{c}" if c else "seq:" + hashlib.sha256(q.encode()).hexdigest()[:16]
+                     for c, q in zip(clusters, chains)])
+    return keys
+
+
+def sampling_mode(args, split) -> str:
+    """The --sampling a run gets: auto is cluster when the build clustered its chains."""
+    if args.sampling != "auto":
+        return args.sampling
+    return "cluster" if "cluster_ids" in split.column_names else "uniform"

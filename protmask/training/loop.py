@@ -21,7 +21,7 @@ from .arguments import MODEL_DEFAULTS
 from .checkpointing import (TRAINER_STATE, claim_save_dir, list_checkpoints, run_definition,  # noqa: F401 (API)
                             save_checkpoint, save_model, write_json_atomically)
 from .checks import check_arguments, check_launch, legacy_flags
-from .dataset import load_data
+from .dataset import load_data, sampling_keys, sampling_mode
 from .errors import TrainingError
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch, exit_process
 from .reporting import RunLog, TrainingWindow, describe_run, model_card
@@ -149,7 +149,7 @@ def agreed(accelerator, decide):
 
 def make_loaders(accelerator, args, dataset, tokenizer):
     from ..data.collator import MaskingCollator, ProtMaskProcessor, StructureDataset
-    from ..data.sampler import LengthBucketBatchSampler, padded
+    from ..data.sampler import LengthBucketBatchSampler, padded, sampling_clusters
 
     train_set = StructureDataset(dataset["train"])
     validation_set = StructureDataset(dataset["validation"])
@@ -171,9 +171,12 @@ def make_loaders(accelerator, args, dataset, tokenizer):
     # Validation masks at the fixed ratio, whatever range training draws from, so numbers stay comparable.
     validation_processor = ProtMaskProcessor(tokenizer, mask_ratio=args.mask_ratio, max_length=args.max_length,
                                              objective=args.objective)
+    # --sampling cluster: one draw per cluster and epoch, still token-budgeted and length-grouped.
+    clusters = (sampling_clusters(sampling_keys(dataset["train"])) if sampling_mode(args, dataset["train"]) == "cluster"
+                else None)
     train_sampler = LengthBucketBatchSampler(
         train_lengths, shuffle=True, seed=args.seed, num_replicas=accelerator.num_processes,
-        group_size=accelerator.num_processes * args.gradient_accumulation_steps, **budget)
+        group_size=accelerator.num_processes * args.gradient_accumulation_steps, clusters=clusters, **budget)
     validation_lengths = np.minimum(validation_set.lengths, cap) if len(validation_set) else []
     validation_budget = dict(budget)
     if args.max_tokens_per_batch is not None and len(validation_set):
@@ -426,7 +429,7 @@ def train(args) -> dict:
         model.compile()
     start_trackers(accelerator, args)
     say(describe_run(accelerator, args, built, threads, learning_rate, steps_per_epoch, max_train_steps, model,
-                     state["warmup_steps"]))
+                     state["warmup_steps"], train_sampler))
     if resume_path is not None:
         restore(accelerator, args, resume_path, state, scheduler, optimizer, learning_rate)
 

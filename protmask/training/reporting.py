@@ -94,7 +94,7 @@ def model_card(args, accelerator, metrics: dict, kind: str, with_plot: bool = Fa
 
 
 def describe_run(accelerator, args, built, threads: int, learning_rate: float, steps_per_epoch: int,
-                 max_train_steps: int, model, warmup: int) -> str:
+                 max_train_steps: int, model, warmup: int, train_sampler) -> str:
     """What the run actually got, printed before training: check this first when something looks wrong."""
     processes, accumulation = accelerator.num_processes, args.gradient_accumulation_steps
     machines = processes // int(os.environ.get("LOCAL_WORLD_SIZE", processes))
@@ -102,6 +102,9 @@ def describe_run(accelerator, args, built, threads: int, learning_rate: float, s
                   else f"{args.batch_size} examples")
     global_batch = (f"{args.max_tokens_per_batch * processes * accumulation} padded residues" if args.max_tokens_per_batch
                     else f"{args.batch_size * processes * accumulation} examples")
+    clusters = train_sampler.sampler.clusters
+    sampling = (f"cluster (one entry from each of {len(clusters)} clusters per epoch)" if clusters is not None
+                else "uniform (every entry once per epoch)")
     return "\n".join([
         f"world size: {processes} process(es) on {machines} machine(s); device: {accelerator.device}; "
         f"mixed precision: {accelerator.mixed_precision}; CPU threads per process: {threads}",
@@ -112,6 +115,6 @@ def describe_run(accelerator, args, built, threads: int, learning_rate: float, s
         f"warm-up steps{' (the default when scaling raises the rate)' if args.warmup_steps is None and warmup else ''}",
         f"data: {len(built.dataset['train'])} training / {len(built.dataset['validation'])} validation examples from "
         f"{built.path}; {steps_per_epoch} steps per epoch, {max_train_steps} steps in all",
-        f"split: by {built.report.get('split_by', 'identical chain sequence')}",
+        f"split: by {built.report.get('split_by', 'identical chain sequence')}; sampling: {sampling}",
         f"model: {sum(p.numel() for p in model.parameters()):,} parameters; saving to {args.save_dir}",
     ])
