@@ -234,7 +234,7 @@ def test_two_forced_builds_at_once_take_turns_and_neither_crashes(sample_dir, tm
 
 
 def _parse_or_die(path, max_bytes):
-    from protmask.data.build import parse_entry
+    from protmask.structure import parse_entry
 
     if path.endswith("1p3c.pdb.gz"):
         os.kill(os.getpid(), 9)  # as the OS's out-of-memory killer would
@@ -242,14 +242,14 @@ def _parse_or_die(path, max_bytes):
 
 
 def test_a_killed_parse_worker_is_that_files_failure_and_the_build_goes_on(sample_dir, tmp_path, monkeypatch):
-    import protmask.data.build as build
+    import protmask.data.parsing as parsing
 
     data = tmp_path / "pdb"
     data.mkdir()
     names = ("1a8q.pdb.gz", "1aki.cif.gz", "1p3c.pdb.gz", "2fr2.pdb.gz", "3fh2.pdb.gz", "4bpy.pdb.gz")
     for name in names:
         shutil.copy(sample_dir / name, data / name)
-    monkeypatch.setattr(build, "_parse_one", _parse_or_die)  # forked workers inherit the patched module
+    monkeypatch.setattr(parsing, "parse_one", _parse_or_die)  # forked workers inherit the patched module
     result = build_dataset(data, tmp_path / "cache", BuildOptions(validation_fraction=0, test_fraction=0),
                            num_proc=2, **quiet)
     (failed,) = result.report["files_failed"]
