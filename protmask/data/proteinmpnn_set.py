@@ -121,8 +121,6 @@ def assemblies(meta: dict, listed: set[str], chain_files: dict):
     """(assembly id or None, [(chain name, source chain id, xyz [L, 14, 3])]) covering every listed chain
     once: each assembly (in the file's order) that holds a listed chain not yet covered, with all its
     transforms, then each listed chain found in none alone."""
-    import torch
-
     covered = set()
     ids = list(meta.get("asmb_ids", []))
     for assembly in dict.fromkeys(ids):
@@ -132,19 +130,25 @@ def assemblies(meta: dict, listed: set[str], chain_files: dict):
             continue
         members = []
         for k in parts:
-            xform = torch.as_tensor(meta[f"asmb_xform{k}"], dtype=torch.float32)
+            # numpy, not torch: this runs in forked parse workers, where torch's intra-op thread pool (set up
+            # in the parent) can deadlock.
+            xform = _numpy(meta[f"asmb_xform{k}"])
             rotation, translation = xform[:, :3, :3], xform[:, :3, 3]
             for chain_id in chains_of[k]:
-                xyz = torch.as_tensor(chain_files[chain_id]["xyz"], dtype=torch.float32)
+                xyz = _numpy(chain_files[chain_id]["xyz"])
                 for copy, (u, r) in enumerate(zip(rotation, translation)):
-                    moved = torch.einsum("ij,laj->lai", u, xyz) + r
+                    moved = np.einsum("ij,laj->lai", u, xyz) + r
                     members.append((chain_id if (k, copy) == (parts[0], 0) else f"{chain_id}{k}.{copy}", chain_id,
-                                    moved.numpy()))
+                                    moved.astype(np.float32)))
                 covered.add(chain_id)
         yield assembly, members
     for chain_id in sorted(listed - covered):
         if chain_id in chain_files:
-            yield None, [(chain_id, chain_id, np.asarray(chain_files[chain_id]["xyz"], dtype=np.float32))]
+            yield None, [(chain_id, chain_id, _numpy(chain_files[chain_id]["xyz"]))]
+
+
+def _numpy(value) -> np.ndarray:
+    return (value.numpy() if hasattr(value, "numpy") else np.asarray(value)).astype(np.float32)
 
 
 def _float(value) -> float | None:
