@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,8 +30,8 @@ MODEL = ["--hidden_dim", "64", "--num_neighbors", "16", "--num_encoder_layers", 
 
 
 def redundant_set(source: Path, folder: Path, cache: Path, copied: int, copies: int, identity: float) -> dict:
-    """Links to every file of ``source``, plus ``copies`` renamed links to each of ``copied`` training
-    entries (the largest-named first, a fixed choice)."""
+    """Links to every file of ``source``, plus ``copies`` renamed copies of each of ``copied`` training
+    entries (the longest between 100 and 300 residues, a fixed choice)."""
     from protmask.data.build import BuildOptions, build_dataset, find_structure_files
 
     files, root = find_structure_files(source)
@@ -47,7 +48,8 @@ def redundant_set(source: Path, folder: Path, cache: Path, copied: int, copies: 
         for source_file, name in chosen:
             suffix = "".join(Path(source_file).suffixes)
             (folder / "copies" / str(number)).mkdir(parents=True, exist_ok=True)
-            (folder / "copies" / str(number) / f"{Path(name).name}{suffix}").symlink_to(Path(source_file).resolve())
+            # Real copies: the build reads a file reached through several links once.
+            shutil.copyfile(Path(source_file).resolve(), folder / "copies" / str(number) / f"{Path(name).name}{suffix}")
     return {"files": len(files), "copied_entries": [name for _, name in chosen], "copies_each": copies}
 
 
@@ -99,7 +101,9 @@ def main() -> None:
         built = build_dataset(work / "pdb", work / "cache", BuildOptions(cluster_identity=args.cluster_identity),
                               log=lambda *a: None)
         report = built.report
-        described.update(entries={s: report["splits"][s]["entries"] for s in report["splits"]},
+        if report["files_seen"] != described["files"] + len(described["copied_entries"]) * args.copies:
+            raise SystemExit(f"the redundant set holds {report['files_seen']} files, not the originals and every copy")
+        described.update(files_with_copies=report["files_seen"], entries={s: report["splits"][s]["entries"] for s in report["splits"]},
                          clusters=report.get("clusters"), split_by=report["split_by"])
         runs = [train_and_evaluate(str(built.path), sampling, args.steps, work / sampling, args.seed)
                 for sampling in ("uniform", "cluster")]
