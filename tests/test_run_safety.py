@@ -61,7 +61,7 @@ def test_resume_refuses_a_run_defined_differently_and_a_folder_holding_another_r
     shutil.copytree(uninterrupted, run)
     changed = launch(TINY + ["--cache_dir", cache, "--save_dir", run, "--resume_from_checkpoint", "latest",
                              "--max_tokens_per_batch", "2048", "--gradient_accumulation_steps", "2", "--seed", "1",
-                             "--hidden_dim", "48", "--max_train_steps", "9"], check=False, timeout=120)
+                             "--split_seed", "1", "--hidden_dim", "48", "--max_train_steps", "9"], check=False, timeout=120)
     assert changed.returncode == 2, changed.stderr
     for difference in ("--max_tokens_per_batch: 1024 in the checkpoint, 2048 now",
                        "--gradient_accumulation_steps: 1 in the checkpoint, 2 now",
