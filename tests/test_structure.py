@@ -143,21 +143,25 @@ def _crambin_residues(edge_dir, count=3):
     return residues
 
 
-def test_altloc_highest_occupancy_and_tie_takes_first(tmp_path, edge_dir):
+def _crambin_with_alternates(edge_dir, path, alternates: dict):
+    """1CRN's first residues as PDB text; ``alternates[(number, atom)]`` lists (altloc, occupancy, shift in Å)
+    copies written in that order instead of the atom."""
     lines, serial = [], 1
     for number, (resname, atoms) in _crambin_residues(edge_dir).items():
         for name, xyz in atoms.items():
-            if name == "CA" and number == 1:  # occupancy 0.3 (A) vs 0.7 (B): B wins
-                lines.append(pdb_atom_line(serial, name, resname, "A", number, xyz, 0.3, "A")); serial += 1
-                lines.append(pdb_atom_line(serial, name, resname, "A", number, [x + 1 for x in xyz], 0.7, "B"))
-            elif name == "CA" and number == 2:  # 0.5 / 0.5 tie: the first written (here B) wins
-                lines.append(pdb_atom_line(serial, name, resname, "A", number, [x + 2 for x in xyz], 0.5, "B")); serial += 1
-                lines.append(pdb_atom_line(serial, name, resname, "A", number, xyz, 0.5, "A"))
-            else:
-                lines.append(pdb_atom_line(serial, name, resname, "A", number, xyz))
-            serial += 1
-    path = tmp_path / "altlocs.pdb"
+            for altloc, occupancy, shift in alternates.get((number, name), [(" ", 1.0, 0.0)]):
+                lines.append(pdb_atom_line(serial, name, resname, "A", number, [x + shift for x in xyz], occupancy,
+                                           altloc))
+                serial += 1
     path.write_text("\n".join(lines + ["END"]) + "\n")
+    return path
+
+
+def test_altloc_highest_occupancy_and_tie_takes_first(tmp_path, edge_dir):
+    path = _crambin_with_alternates(edge_dir, tmp_path / "altlocs.pdb", {
+        (1, "CA"): [("A", 0.3, 0.0), ("B", 0.7, 1.0)],  # occupancy 0.3 (A) vs 0.7 (B): B wins
+        (2, "CA"): [("B", 0.5, 2.0), ("A", 0.5, 0.0)],  # 0.5 / 0.5 tie: the first written (here B) wins
+    })
     (chain,) = parse_structure(path)
     residues = _crambin_residues(edge_dir)
     assert np.allclose(chain.coords[0, 1], np.add(residues[1][1]["CA"], 1), atol=1e-3)
@@ -329,19 +333,9 @@ def test_mmcif_polymer_membership_comes_from_label_seq_id(tmp_path, edge_dir):
 def test_alternate_locations_are_chosen_per_residue(tmp_path, edge_dir):
     # Residue 2 in two conformers. N prefers A (0.6), CA, C and O prefer B (0.6): the residue's mean
     # occupancy picks B for all four atoms, so N and CA never come from different conformers.
-    lines, serial = [], 1
     occupancy = {"N": (0.6, 0.4), "CA": (0.4, 0.6), "C": (0.4, 0.6), "O": (0.4, 0.6)}
-    for number, (resname, atoms) in _crambin_residues(edge_dir).items():
-        for name, xyz in atoms.items():
-            if number == 2 and name in occupancy:
-                a, b = occupancy[name]
-                lines.append(pdb_atom_line(serial, name, resname, "A", number, xyz, a, "A")); serial += 1
-                lines.append(pdb_atom_line(serial, name, resname, "A", number, [x + 0.5 for x in xyz], b, "B"))
-            else:
-                lines.append(pdb_atom_line(serial, name, resname, "A", number, xyz))
-            serial += 1
-    path = tmp_path / "conformers.pdb"
-    path.write_text("\n".join(lines + ["END"]) + "\n")
+    path = _crambin_with_alternates(edge_dir, tmp_path / "conformers.pdb", {
+        (2, name): [("A", a, 0.0), ("B", b, 0.5)] for name, (a, b) in occupancy.items()})
     (chain,) = parse_structure(path)
     _, atoms = _crambin_residues(edge_dir)[2]
     for column, name in enumerate(("N", "CA", "C", "O")):
