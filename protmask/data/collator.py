@@ -162,6 +162,16 @@ def crop(example: Example, max_length: int, rng: np.random.Generator) -> tuple[E
     return cropped, keep
 
 
+def permute_chains(example: Example, order: Sequence[int]) -> Example:
+    """The example with its chains concatenated in ``order`` (chain numbers of the original)."""
+    starts = np.concatenate([[0], np.cumsum(example.chain_lengths)]).astype(int)
+    index = np.concatenate([np.arange(starts[c], starts[c + 1]) for c in order]) if len(order) else np.arange(0)
+    return Example(name=example.name, sequence="".join(example.sequence[i] for i in index),
+                   coords=example.coords[index], chain_ids=[example.chain_ids[c] for c in order],
+                   chain_lengths=[example.chain_lengths[c] for c in order],
+                   residue_numbers=example.residue_numbers[index], atoms=example.atoms)
+
+
 def mask_chains(
     token_ids: np.ndarray,
     scorable: np.ndarray,
@@ -206,7 +216,8 @@ class ProtMaskProcessor:
     ``round(mask_ratio × residues)`` residues hidden and scored (see `mask_chains`); ``seeds`` (one per
     example) make the masks and crops reproducible whatever the batch they land in. With
     ``objective="autoregressive"`` (ProteinMPNN's, for causal-decoder models) ``mask=True`` instead scores
-    every residue, with a random decoding order per example as ``decoding_rank``.
+    every residue, with a random decoding order per example as ``decoding_rank``. ``shuffle_chains`` puts
+    the chains of each masked example in a random order first (ProteinMPNN's training does).
     """
 
     def __init__(
@@ -218,10 +229,12 @@ class ProtMaskProcessor:
         pad_to_multiple_of: int | None = 8,
         seed: int = 0,
         objective: str = "masked",
+        shuffle_chains: bool = False,
     ):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         self.objective = objective
+        self.shuffle_chains = shuffle_chains
         self.tokenizer = tokenizer or ProtMaskTokenizer()
         self.mask_ratio = mask_ratio
         self.mask_ratio_max = mask_ratio_max
@@ -272,6 +285,8 @@ class ProtMaskProcessor:
         rows = []
         for number, example in enumerate(examples):
             rng = np.random.default_rng(seeds[number]) if seeds is not None else self._rng
+            if mask and self.shuffle_chains and len(example.chain_lengths) > 1:
+                example = permute_chains(example, rng.permutation(len(example.chain_lengths)))
             index = residue_index(example.residue_numbers, example.chain_lengths)
             if self.max_length is not None and len(example) > self.max_length:
                 example, keep = crop(example, self.max_length, rng)

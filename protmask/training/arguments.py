@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..data.arguments import add_data_arguments, build_options, default_cache_dir, fraction, positive_int  # noqa: F401
+from .recipes import RECIPES, apply_recipe
 
 
 #: Defaults of the flags that a --model_name_or_path run takes from the saved config unless they are given.
@@ -32,7 +33,7 @@ def length_or_off(text: str) -> int | None:
 
 
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-              "inverse_sqrt")
+              "inverse_sqrt", "noam")
 
 
 def checkpointing_steps(text: str):
@@ -82,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="draw each chain's mask ratio uniformly from [--mask_ratio, this]; 1.0 trains for "
                             "whole-sequence design as well as fill-in")
     model.add_argument("--label_smoothing", type=fraction, default=None,
-                       help="label smoothing of the training loss (default 0; with --model_name_or_path the saved "
-                            "model's, unless given). Validation and best/ use plain cross-entropy, as evaluate does")
+                       help="label smoothing of the training loss, over the 21 residue letters (default 0; with "
+                            "--model_name_or_path the saved model's, unless given). Validation and best/ use plain cross-entropy, as evaluate does")
     model.add_argument("--objective", choices=("masked", "autoregressive"), default="masked",
                        help="masked: hide --mask_ratio of each chain and predict it; autoregressive: predict every "
                             "residue in a random decoding order (ProteinMPNN's objective; needs --decoder_context "
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--decoder_context", choices=("masked", "causal"), default="masked",
                        help="a new model's decoder: masked (every visible residue seen by all) or causal "
                             "(ProteinMPNN's: residues see those decoded before them)")
+    model.add_argument("--message_bias_per_neighbor", action=argparse.BooleanOptionalAction, default=False,
+                       help="a new model adds each message MLP's last bias once per neighbour, as ProteinMPNN does "
+                            "(its converted weights set it), instead of once per residue")
     model.add_argument("--model_name_or_path", default=None,
                        help="start from a saved protmask model folder, e.g. converted ProteinMPNN weights, to "
                             "fine-tune it (then the architecture flags are ignored)")
@@ -113,20 +117,34 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max_tokens_per_batch", type=positive_int, default=None,
                        help="padded-residue budget per device per step instead of --batch_size examples, with "
                             "length-bucketed batches")
+    train.add_argument("--shuffle_chains", action=argparse.BooleanOptionalAction, default=False,
+                       help="put the chains of each training example in a random order (ProteinMPNN's featurize "
+                            "does), drawn per example and epoch")
     train.add_argument("--max_length", type=length_or_off, default=DEFAULT_MAX_LENGTH,
                        help="crop longer examples to this many residues (a contiguous window of a chain; a spatial "
                             "crop of a complex); 0 turns cropping off. With the defaults no batch holds more than "
                             f"--batch_size × this = {8 * DEFAULT_MAX_LENGTH} padded residues per device, which "
                             f"trains the default model in about {DEFAULT_BATCH_GB} GB (fp32)")
-    train.add_argument("--learning_rate", type=float, default=1e-4, help="base learning rate (before scaling)")
+    train.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                       help="a named set of defaults, printed at start; any flag given still wins. proteinmpnn: "
+                            "ProteinMPNN's training/training.py (its model, Adam 0.9/0.98/1e-9, Noam schedule, "
+                            "label smoothing 0.1, dropout 0.1, 0.2 A noise, chain order shuffled, 10000-residue "
+                            "batches, no clipping, cluster sampling); see the README's 'Recipes'")
+    train.add_argument("--learning_rate", type=float, default=1e-4,
+                       help="base learning rate (before scaling); the peak rate of --lr_scheduler_type noam")
     train.add_argument("--lr_scaling", choices=("none", "linear", "sqrt"), default="linear",
                        help="multiply the base LR by the number of processes (linear) or its square root")
     train.add_argument("--lr_scheduler_type", choices=SCHEDULERS, default="constant",
-                       help="transformers' get_scheduler type (constant keeps the guide's fixed LR)")
+                       help="transformers' get_scheduler type (constant keeps the guide's fixed LR), or noam: "
+                            "ProteinMPNN's, a linear warm-up to --learning_rate over --warmup_steps, then decay as "
+                            "1/sqrt(step)")
     train.add_argument("--warmup_steps", type=non_negative_int, default=None,
                        help="LR warm-up, in optimizer steps (default: 5%% of the run, at most 1000, when LR scaling "
                             "raises the rate; else none)")
     train.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay (not on biases/norms)")
+    train.add_argument("--adam_beta1", type=fraction, default=0.9, help="AdamW's first-moment decay")
+    train.add_argument("--adam_beta2", type=fraction, default=0.999, help="AdamW's second-moment decay")
+    train.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW's epsilon")
     train.add_argument("--gradient_accumulation_steps", type=positive_int, default=1,
                        help="batches per optimizer step on each device")
     train.add_argument("--max_grad_norm", type=float, default=1.0, help="clip gradients to this norm (0: no clipping)")
@@ -171,3 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     legacy.add_argument("--ddp", action="store_true", help=argparse.SUPPRESS)
     legacy.add_argument("--master_port", type=int, default=None, help=argparse.SUPPRESS)
     return parser
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    """The command line, with a --recipe's defaults under the flags given (see `recipes.apply_recipe`)."""
+    return apply_recipe(build_parser(), argv)

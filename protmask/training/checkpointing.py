@@ -59,6 +59,7 @@ def run_definition(args, world_size: int, dataset_fingerprint: str, model_config
         "model": model,
         # Only when asked for explicitly: definitions written before the flag existed stay equal.
         **({"sampling": args.sampling} if getattr(args, "sampling", "auto") != "auto" else {}),
+        **({"shuffle_chains": True} if getattr(args, "shuffle_chains", False) else {}),
     }
 
 

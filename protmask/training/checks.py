@@ -25,6 +25,9 @@ def check_arguments(args) -> None:
         ("--dropout", args.dropout, lambda v: 0 <= v < 1, "in [0, 1)"),
         ("--label_smoothing", args.label_smoothing, lambda v: 0 <= v < 1, "in [0, 1)"),
         ("--max_resolution", args.max_resolution, lambda v: v > 0, "positive (Å)"),
+        ("--adam_beta1", args.adam_beta1, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("--adam_beta2", args.adam_beta2, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("--adam_epsilon", args.adam_epsilon, lambda v: v > 0, "positive"),
     ]
     for flag, value, rule, wanted in float_rules:
         if value is not None and not (math.isfinite(value) and rule(value)):

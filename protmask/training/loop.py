@@ -167,7 +167,8 @@ def make_loaders(accelerator, args, dataset, tokenizer):
     budget = dict(max_tokens=args.max_tokens_per_batch,
                   max_examples=args.batch_size if args.max_tokens_per_batch is None else None)
     processor = ProtMaskProcessor(tokenizer, mask_ratio=args.mask_ratio, mask_ratio_max=args.mask_ratio_max,
-                                  max_length=args.max_length, objective=args.objective)
+                                  max_length=args.max_length, objective=args.objective,
+                                  shuffle_chains=args.shuffle_chains)
     # Validation masks at the fixed ratio, whatever range training draws from, so numbers stay comparable.
     validation_processor = ProtMaskProcessor(tokenizer, mask_ratio=args.mask_ratio, max_length=args.max_length,
                                              objective=args.objective)
@@ -227,6 +228,7 @@ def build_model(args):
                for flag, default in MODEL_DEFAULTS.items()}, mask_ratio=args.mask_ratio,
             mask_ratio_max=args.mask_ratio_max, pad_token_id=tokenizer.pad_token_id,
             mask_token_id=tokenizer.mask_token_id, decoder_context=args.decoder_context,
+            message_bias_per_neighbor=args.message_bias_per_neighbor,
         )
         model = ProtMaskForMaskedLM(config)
     if args.objective == "autoregressive" and model.config.decoder_context != "causal":
@@ -263,8 +265,10 @@ def build_optimizer(model, args, learning_rate, device):
     for name, parameter in model.named_parameters():
         (no_decay if parameter.ndim < 2 or "norm" in name else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # Fused AdamW: one kernel for all parameters on CUDA; elsewhere PyTorch's default (foreach) path.
-    return torch.optim.AdamW(groups, lr=learning_rate, fused=device.type == "cuda" or None)
+    # Fused AdamW: one kernel for all parameters on CUDA; elsewhere PyTorch's default (foreach) path. With
+    # weight decay 0 it is Adam (ProteinMPNN's optimiser).
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                             fused=device.type == "cuda" or None)
 
 
 # --------------------------------------------------------------------------------------------- resume
@@ -404,6 +408,8 @@ def train(args) -> dict:
     from_slurm = adopt_slurm_ranks()  # before the accelerator reads the rendezvous variables
     accelerator = build_accelerator(args)
     say = accelerator.print
+    for line in getattr(args, "recipe_lines", []):
+        say(line)
     if from_slurm:
         say(from_slurm)
     threads = prepare_process(accelerator, args)
@@ -562,9 +568,9 @@ def is_collective_timeout(error: BaseException) -> bool:
 
 
 def main(argv=None) -> int:
-    from .arguments import build_parser
+    from .arguments import parse_arguments
 
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     try:
         train(args)
     except TrainingError as error:

@@ -3,6 +3,7 @@ steps, and carrying it over when a run continues on another number of processes.
 
 from __future__ import annotations
 
+import functools
 import math
 
 
@@ -49,9 +50,22 @@ def build_scheduler(args, optimizer, max_train_steps: int, num_processes: int, s
     else:
         warmup = warmup_steps(args, num_processes, max_train_steps)
     state["warmup_steps"] = warmup
+    if args.lr_scheduler_type == "noam":
+        from torch.optim.lr_scheduler import LambdaLR
+
+        return LambdaLR(optimizer, functools.partial(noam_factor, warmup=warmup, processes=num_processes))
     kind = "constant_with_warmup" if args.lr_scheduler_type == "constant" and warmup else args.lr_scheduler_type
     return get_scheduler(kind, optimizer, num_warmup_steps=warmup * num_processes,
                          num_training_steps=max_train_steps * num_processes)
+
+
+def noam_factor(scheduler_steps: int, *, warmup: int, processes: int) -> float:
+    """ProteinMPNN's Noam schedule as a fraction of its peak: the update after k optimizer steps uses
+    min((k + 1) / warmup, sqrt(warmup / (k + 1))), as NoamOpt, which counts its steps from 1. Accelerate steps
+    the scheduler once per process per optimizer step, so k = scheduler_steps / processes."""
+    step = scheduler_steps / processes + 1
+    warmup = max(warmup, 1)
+    return min(step / warmup, math.sqrt(warmup / step))
 
 
 def carry_schedule_over(scheduler, optimizer, global_step: int, num_processes: int, learning_rate: float) -> None:
