@@ -37,14 +37,21 @@ COMMON = ["--hidden_dim", "64", "--num_neighbors", "16", "--num_encoder_layers",
 VARIANTS = {
     "training_py": ["--recipe", "proteinmpnn"],
     "recipe": ["--recipe", "proteinmpnn"],
+    "recipe_clipped": ["--recipe", "proteinmpnn", "--max_grad_norm", "1.0"],
     "causal": ["--decoder_context", "causal", "--objective", "autoregressive", "--learning_rate", "1e-3"],
     "masked": ["--learning_rate", "1e-3", "--mask_ratio", "0.15", "--mask_ratio_max", "1.0"],
+    # the masked model with ProteinMPNN's optimiser, schedule (its peak for hidden 64) and label smoothing
+    "masked_noam": ["--learning_rate", "0.00395", "--lr_scheduler_type", "noam", "--adam_beta2", "0.98",
+                    "--adam_epsilon", "1e-9", "--label_smoothing", "0.0909", "--mask_ratio", "0.15",
+                    "--mask_ratio_max", "1.0"],
 }
 DESCRIPTIONS = {
     "training_py": "ProteinMPNN's training/training.py model, loss and optimiser on the recipe run's batches",
     "recipe": "protmask --recipe proteinmpnn",
+    "recipe_clipped": "protmask --recipe proteinmpnn --max_grad_norm 1.0",
     "causal": "protmask --decoder_context causal --objective autoregressive, learning rate 1e-3",
     "masked": "protmask masked model, learning rate 1e-3, --mask_ratio_max 1.0 (the README's from-scratch command)",
+    "masked_noam": "protmask masked model with ProteinMPNN's optimiser, Noam schedule and label smoothing",
 }
 
 
@@ -153,7 +160,7 @@ def run_variant(variant: str, seed: int, steps: int, reference: Path, dataset: s
         run = json.loads(done.stdout.strip().splitlines()[-1])
     else:
         run = train_protmask(dataset, argv, output)
-    metrics = evaluate(dataset, output / "final", causal=variant != "masked")
+    metrics = evaluate(dataset, output / "final", causal=not variant.startswith("masked"))
     return {"variant": variant, "seed": seed, **run, **metrics}
 
 
@@ -175,7 +182,8 @@ def main() -> None:
     parser.add_argument("--reference", required=True, help="a ProteinMPNN checkout (or its training/model_utils.py)")
     parser.add_argument("--pdb_path", default=default_pdb_path())
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
+                        default=["training_py", "recipe", "causal", "masked", "masked_noam"])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "proteinmpnn_recipe.json"))
     args = parser.parse_args()
