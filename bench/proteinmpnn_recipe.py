@@ -37,7 +37,7 @@ COMMON = ["--hidden_dim", "64", "--num_neighbors", "16", "--num_encoder_layers",
 VARIANTS = {
     "training_py": ["--recipe", "proteinmpnn"],
     "recipe": ["--recipe", "proteinmpnn"],
-    "recipe_clipped": ["--recipe", "proteinmpnn", "--max_grad_norm", "1.0"],
+    "recipe_unclipped": ["--recipe", "proteinmpnn", "--max_grad_norm", "0"],
     "causal": ["--decoder_context", "causal", "--objective", "autoregressive", "--learning_rate", "1e-3"],
     "masked": ["--learning_rate", "1e-3", "--mask_ratio", "0.15", "--mask_ratio_max", "1.0"],
     # the masked model with ProteinMPNN's optimiser, schedule (its peak for hidden 64) and label smoothing
@@ -48,7 +48,7 @@ VARIANTS = {
 DESCRIPTIONS = {
     "training_py": "ProteinMPNN's training/training.py model, loss and optimiser on the recipe run's batches",
     "recipe": "protmask --recipe proteinmpnn",
-    "recipe_clipped": "protmask --recipe proteinmpnn --max_grad_norm 1.0",
+    "recipe_unclipped": "protmask --recipe proteinmpnn --max_grad_norm 0 (no clipping, as ProteinMPNN)",
     "causal": "protmask --decoder_context causal --objective autoregressive, learning rate 1e-3",
     "masked": "protmask masked model, learning rate 1e-3, --mask_ratio_max 1.0 (the README's from-scratch command)",
     "masked_noam": "protmask masked model with ProteinMPNN's optimiser, Noam schedule and label smoothing",
@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--pdb_path", default=default_pdb_path())
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
-                        default=["training_py", "recipe", "causal", "masked", "masked_noam"])
+                        default=["training_py", "recipe", "recipe_unclipped", "causal", "masked", "masked_noam"])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "proteinmpnn_recipe.json"))
     args = parser.parse_args()

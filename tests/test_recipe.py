@@ -27,7 +27,7 @@ def test_the_recipe_sets_proteinmpnns_defaults_and_every_flag_given_wins():
     assert (args.hidden_dim, args.num_neighbors, args.num_encoder_layers, args.num_decoder_layers) == (128, 48, 3, 3)
     assert (args.decoder_context, args.objective, args.message_bias_per_neighbor) == ("causal", "autoregressive", True)
     assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.weight_decay) == (0.9, 0.98, 1e-9, 0.0)
-    assert (args.lr_scheduler_type, args.warmup_steps, args.max_grad_norm, args.lr_scaling) == ("noam", 4000, 0.0, "sqrt")
+    assert (args.lr_scheduler_type, args.warmup_steps, args.max_grad_norm, args.lr_scaling) == ("noam", 4000, 1.0, "sqrt")
     assert (args.dropout, args.backbone_noise) == (0.1, 0.2)
     assert args.label_smoothing == pytest.approx(0.1 / 1.1)
     assert (args.shuffle_chains, args.max_tokens_per_batch, args.max_length, args.sampling) == (True, 10000, 10000, "cluster")
