@@ -11,6 +11,7 @@ trainer. Its weights are then converted with `convert-proteinmpnn` (exact) and e
 
     python bench/proteinmpnn_recipe.py --reference /path/to/ProteinMPNN              # 3 seeds × 6 runs, ~2 h on 2 cores
     python bench/proteinmpnn_recipe.py --reference DIR --seeds 0 --variants training_py recipe
+    python bench/proteinmpnn_recipe.py --reference DIR --seeds 3 --keep    # one more seed into the same table
 """
 
 from __future__ import annotations
@@ -40,18 +41,18 @@ VARIANTS = {
     "recipe_unclipped": ["--recipe", "proteinmpnn", "--max_grad_norm", "0"],
     "causal": ["--decoder_context", "causal", "--objective", "autoregressive", "--learning_rate", "1e-3"],
     "masked": ["--learning_rate", "1e-3", "--mask_ratio", "0.15", "--mask_ratio_max", "1.0"],
-    # the masked model with ProteinMPNN's optimiser, schedule (its peak for hidden 64) and label smoothing
-    "masked_noam": ["--learning_rate", "0.00395", "--lr_scheduler_type", "noam", "--adam_beta2", "0.98",
-                    "--adam_epsilon", "1e-9", "--label_smoothing", "0.0909", "--mask_ratio", "0.15",
-                    "--mask_ratio_max", "1.0"],
+    # the masked model with ProteinMPNN's optimiser, Noam schedule (its peak for hidden 64), label smoothing
+    # and mask ratios from 0.15 to 1.0
+    "masked_recipe": ["--recipe", "masked"],
 }
 DESCRIPTIONS = {
     "training_py": "ProteinMPNN's training/training.py model, loss and optimiser on the recipe run's batches",
     "recipe": "protmask --recipe proteinmpnn",
     "recipe_unclipped": "protmask --recipe proteinmpnn --max_grad_norm 0 (no clipping, as ProteinMPNN)",
     "causal": "protmask --decoder_context causal --objective autoregressive, learning rate 1e-3",
-    "masked": "protmask masked model, learning rate 1e-3, --mask_ratio_max 1.0 (the README's from-scratch command)",
-    "masked_noam": "protmask masked model with ProteinMPNN's optimiser, Noam schedule and label smoothing",
+    "masked": "protmask masked model, learning rate 1e-3, --mask_ratio_max 1.0 (the earlier from-scratch command)",
+    "masked_recipe": "protmask --recipe masked: the masked model with ProteinMPNN's optimiser, Noam schedule and "
+                     "label smoothing, mask ratio 0.15-1.0",
 }
 
 
@@ -167,11 +168,16 @@ def run_variant(variant: str, seed: int, steps: int, reference: Path, dataset: s
 def summarise(runs: list[dict]) -> dict:
     table = {}
     for variant in dict.fromkeys(r["variant"] for r in runs):
-        medians = [r["design_recovery_median"] for r in runs if r["variant"] == variant]
-        table[variant] = {"description": DESCRIPTIONS[variant], "seeds": len(medians),
+        mine = sorted((r for r in runs if r["variant"] == variant), key=lambda r: r["seed"])
+        medians = [r["design_recovery_median"] for r in mine]
+        table[variant] = {"description": DESCRIPTIONS[variant], "seeds": [r["seed"] for r in mine],
                           "median_design_recovery_per_seed": medians,
                           "mean_over_seeds": round(statistics.fmean(medians), 4),
-                          "spread": round(max(medians) - min(medians), 4)}
+                          "spread": round(max(medians) - min(medians), 4),
+                          "teacher_forced_accuracy_mean_over_seeds": round(
+                              statistics.fmean(r["teacher_forced_accuracy"] for r in mine), 4),
+                          "design_recovery_mean_over_seeds": round(
+                              statistics.fmean(r["design_recovery_mean"] for r in mine), 4)}
     return table
 
 
@@ -183,7 +189,10 @@ def main() -> None:
     parser.add_argument("--pdb_path", default=default_pdb_path())
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
-                        default=["training_py", "recipe", "recipe_unclipped", "causal", "masked", "masked_noam"])
+                        default=["training_py", "recipe", "recipe_unclipped", "causal", "masked", "masked_recipe"])
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the runs already in --output for the seeds and variants not run now, so one "
+                             "table can grow a seed or a variant at a time")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "proteinmpnn_recipe.json"))
     args = parser.parse_args()
@@ -196,7 +205,7 @@ def main() -> None:
         work = Path(work)
         built = build_dataset(args.pdb_path, work / "cache", log=lambda *a: None)
         dataset = str(built.path)
-        runs = []
+        runs = previous_runs(args) if args.keep else []
         for seed in args.seeds:  # the split stays fixed (--split_seed 0); the seed moves everything else
             for variant in args.variants:
                 runs.append(run_variant(variant, seed, args.steps, reference, dataset, work))
@@ -204,11 +213,24 @@ def main() -> None:
                 emit_result(args, built, runs)
 
 
+def previous_runs(args) -> list[dict]:
+    """The runs of --output that this invocation does not redo (same settings: --steps must match)."""
+    path = Path(args.output)
+    if not path.exists():
+        return []
+    previous = json.loads(path.read_text())
+    if previous.get("steps") != args.steps or previous.get("common") != " ".join(COMMON):
+        raise SystemExit(f"--keep: {path} was measured with other settings; run without --keep")
+    redone = {(variant, seed) for variant in args.variants for seed in args.seeds}
+    return [run for run in previous["runs"] if run["variant"] in VARIANTS and (run["variant"], run["seed"]) not in redone
+            and " ".join(VARIANTS[run["variant"]]) == previous["variants"].get(run["variant"])]
+
+
 def emit_result(args, built, runs) -> None:
     """Rewritten after every run, so a stopped benchmark keeps what it measured."""
     test = built.report["splits"]["test"]
     emit({"benchmark": "proteinmpnn_recipe", "machine": machine(), "steps": args.steps, "common": " ".join(COMMON),
-          "variants": {v: " ".join(VARIANTS[v]) for v in args.variants}, "test_split": test,
+          "variants": {v: " ".join(VARIANTS[v]) for v in dict.fromkeys(r["variant"] for r in runs)}, "test_split": test,
           "summary": summarise(runs), "runs": runs}, args.output)
 
 
