@@ -205,7 +205,7 @@ def main() -> None:
         work = Path(work)
         built = build_dataset(args.pdb_path, work / "cache", log=lambda *a: None)
         dataset = str(built.path)
-        runs = previous_runs(args) if args.keep else []
+        runs = previous_runs(args, built.report["splits"]["test"]) if args.keep else []
         for seed in args.seeds:  # the split stays fixed (--split_seed 0); the seed moves everything else
             for variant in args.variants:
                 runs.append(run_variant(variant, seed, args.steps, reference, dataset, work))
@@ -213,14 +213,17 @@ def main() -> None:
                 emit_result(args, built, runs)
 
 
-def previous_runs(args) -> list[dict]:
-    """The runs of --output that this invocation does not redo (same settings: --steps must match)."""
+def previous_runs(args, test_split: dict) -> list[dict]:
+    """The runs of --output that this invocation does not redo; they must share its steps, settings and
+    test split (the same --pdb_path build)."""
     path = Path(args.output)
     if not path.exists():
         return []
     previous = json.loads(path.read_text())
-    if previous.get("steps") != args.steps or previous.get("common") != " ".join(COMMON):
-        raise SystemExit(f"--keep: {path} was measured with other settings; run without --keep")
+    if (previous.get("steps"), previous.get("common"), previous.get("test_split")) != (
+            args.steps, " ".join(COMMON), test_split):
+        raise SystemExit(f"--keep: {path} was measured with other settings or another test split; run without "
+                         "--keep, or give the --pdb_path it was measured on")
     redone = {(variant, seed) for variant in args.variants for seed in args.seeds}
     return [run for run in previous["runs"] if run["variant"] in VARIANTS and (run["variant"], run["seed"]) not in redone
             and " ".join(VARIANTS[run["variant"]]) == previous["variants"].get(run["variant"])]

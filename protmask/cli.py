@@ -75,6 +75,43 @@ def add_design_control_arguments(parser) -> None:
     parser.add_argument("--omit_file", default=None, help='JSON of per-residue omitted letters: {"A12": "CW"}')
 
 
+def add_proteinmpnn_input_arguments(parser) -> None:
+    """protein_mpnn_run.py's input files, with its meaning (see design/proteinmpnn_inputs.py)."""
+    group = parser.add_argument_group(
+        "ProteinMPNN's input files", "the JSONL files of ProteinMPNN's helper scripts; positions are 1-based "
+        "indices along each chain's sequence as ProteinMPNN parses it (--dry_run shows them as residue labels)")
+    group.add_argument("--jsonl_path", default=None,
+                       help="structures as parse_multiple_chains.py writes them (instead of --pdb)")
+    group.add_argument("--chain_id_jsonl", default=None, help="{NAME: [[designed chains], [fixed chains]]}")
+    group.add_argument("--fixed_positions_jsonl", default=None, help="{NAME: {CHAIN: [positions kept native]}}")
+    group.add_argument("--tied_positions_jsonl", default=None,
+                       help="{NAME: [{CHAIN: [positions]}, …]}, or the weighted form {CHAIN: [[positions], "
+                            "[weights]]} of make_pos_neg_tied_positions_dict.py")
+    group.add_argument("--bias_by_res_jsonl", default=None, help="{NAME: {CHAIN: [[21 biases] per residue]}}")
+    group.add_argument("--omit_AA_jsonl", default=None, help="{NAME: {CHAIN: [[[positions], 'LETTERS'], …]}}")
+    group.add_argument("--bias_AA_jsonl", default=None, help="{LETTER: bias} for every designed position")
+
+
+def design_inputs(args, command: str):
+    """[(name, chains or path)] of the structures to design, the control files, and the failures; or None
+    after saying why not."""
+    from .design import DesignError
+    from .design.proteinmpnn_inputs import ProteinMPNNControls, read_parsed_chains
+
+    if bool(args.pdb) == bool(args.jsonl_path):
+        print(f"protmask {command}: error: give --pdb FILES or --jsonl_path FILE (one of them)", file=sys.stderr)
+        return None
+    try:
+        controls = ProteinMPNNControls.read(args)
+        if args.jsonl_path:
+            return read_parsed_chains(args.jsonl_path), controls
+    except DesignError as error:
+        print(f"protmask {command}: error: {error}", file=sys.stderr)
+        return None
+    files = structure_files(args.pdb, command)
+    return None if files is None else ([(None, path) for path in files], controls)
+
+
 def design_options(args):
     """The parsed flags → `DesignOptions` (reading --bias_file and --omit_file)."""
     from .design.constraints import DesignOptions, read_json_option
@@ -109,9 +146,10 @@ def design_parser():
                     "seed, decoding and model. Exit status: 0 all structures designed, 1 some failed (listed), "
                     "2 bad options or none designed.")
     parser.add_argument("--model", required=True, help="a save_pretrained folder (final/ or best/ of a run), or a hub id")
-    parser.add_argument("--pdb", required=True, nargs="+",
+    parser.add_argument("--pdb", nargs="+",
                         help="structure files (.pdb, .cif, .ent, optionally .gz), folders of them, or list files")
     add_design_control_arguments(parser)
+    add_proteinmpnn_input_arguments(parser)
     parser.add_argument("--fill", default=None,
                         help="the designed chains' sequence with positions to fill written as _ (chains may be "
                              "separated by /); only those are designed")
@@ -126,7 +164,19 @@ def design_parser():
     parser.add_argument("--rounds", type=int, default=10, help="mask-predict rounds")
     parser.add_argument("--seed", type=int, default=0, help="design i of every structure uses seed + i")
     parser.add_argument("--output", default=None, help="one FASTA file for all structures")
-    parser.add_argument("--output_dir", default=None, help="a folder for one FASTA per structure (STEM.fasta)")
+    parser.add_argument("--output_dir", default=None,
+                        help="a folder for one FASTA per structure (STEM.fasta; with --output_format proteinmpnn "
+                             "ProteinMPNN's seqs/NAME.fa)")
+    parser.add_argument("--output_format", choices=("protmask", "proteinmpnn"), default="protmask",
+                        help="proteinmpnn: protein_mpnn_run.py's layout and FASTA headers in --output_dir (the "
+                             "native first: 'NAME, score=, global_score=, fixed_chains=, designed_chains=, "
+                             "model_name=, git_hash=, seed='; then per sample 'T=, sample=, score=, "
+                             "global_score=, seq_recovery='), designed chains in chain-letter order")
+    parser.add_argument("--save_score", action="store_true",
+                        help="with --output_format proteinmpnn: also OUT/scores/NAME.npz (score, global_score)")
+    parser.add_argument("--save_probs", action="store_true",
+                        help="with --output_format proteinmpnn: also OUT/probs/NAME.npz (probs, log_probs, S, "
+                             "mask, chain_order; 21 letters ACDEFGHIKLMNPQRSTVWYX)")
     parser.add_argument("--probabilities", default=None,
                         help="also write a TSV of each designed position: structure, sample, chain, residue, native, "
                              "designed, the model's probability of it, and the distribution it was drawn from "
@@ -142,6 +192,7 @@ def design_command(argv) -> int:
 
     from .design import DesignError, design_plan, format_plan, plan_design
     from .design.designer import fasta_records, probability_rows, structure_stem
+    from .design.proteinmpnn_outputs import write_proteinmpnn_outputs
     from .structure import StructureError, parse_structure
 
     parser = design_parser()
@@ -150,9 +201,15 @@ def design_command(argv) -> int:
         parser.error("--num_samples and --rounds must be positive and --temperature a finite number, zero or more")
     if not args.dry_run and not (args.output or args.output_dir):
         parser.error("give --output FILE (one FASTA) or --output_dir DIR (one FASTA per structure)")
-    files = structure_files(args.pdb, "design")
-    if files is None:
+    proteinmpnn_format = args.output_format == "proteinmpnn"
+    if proteinmpnn_format and not args.dry_run and not args.output_dir:
+        parser.error("--output_format proteinmpnn writes ProteinMPNN's folders: give --output_dir DIR")
+    if (args.save_score or args.save_probs) and not proteinmpnn_format:
+        parser.error("--save_score and --save_probs write ProteinMPNN's .npz files: add --output_format proteinmpnn")
+    inputs = design_inputs(args, "design")
+    if inputs is None:
         return 2
+    structures, controls = inputs
     try:
         options = design_options(args)
     except DesignError as error:
@@ -160,11 +217,13 @@ def design_command(argv) -> int:
         return 2
 
     plans, failed = [], []
-    for path in files:
+    for name, source in structures:
         try:
-            plans.append(plan_design(parse_structure(path), options))
+            chains = parse_structure(source) if name is None else source
+            name = structure_stem(str(source)) if name is None else name
+            plans.append(plan_design(chains, controls.options_for(name, chains, options) if controls else options))
         except (DesignError, StructureError) as error:
-            failed.append((path, str(error)))
+            failed.append((source if isinstance(source, (str, Path)) else name, str(error)))
     if args.dry_run:
         for plan in plans:
             print(format_plan(plan))
@@ -182,7 +241,10 @@ def design_command(argv) -> int:
     for plan in plans:
         result = design_plan(model, processor, plan, args.num_samples, args.temperature, args.seed, args.rounds,
                              args.decoding)
-        if args.output_dir:
+        if proteinmpnn_format:
+            write_proteinmpnn_outputs(model, processor, plan, result, args.output_dir, args.seed, args.save_score,
+                                      args.save_probs)
+        elif args.output_dir:
             path = Path(args.output_dir) / f"{structure_stem(result.name)}.fasta"
             path.write_text("\n".join(fasta_records(result)) + "\n")
         fasta += fasta_records(result)

@@ -38,6 +38,9 @@ class DesignOptions:
     bias_aa: Mapping[str, float] | str | None = None  # {"A": -1.0} or "A:-1.0,K:0.5", added to log-probabilities
     bias: Mapping[str, Mapping[str, float]] | None = None  # per position: {"A12": {"K": 2.0}}
     omit: Mapping[str, str] | None = None  # per position: {"A12": "CW"}
+    tied_labels: Sequence[Sequence[str]] | None = None  # tie groups as residue labels: [["A12", "B12"], …]
+    tie_weights: Mapping[str, float] | None = None  # per position: the weight of its log-probabilities in its
+    #                                                 group's (ProteinMPNN's tied_beta; negative: negative design)
 
 
 @dataclass
@@ -56,6 +59,7 @@ class DesignPlan:
     bias: np.ndarray                  # [L, 20] float32 added to log-probabilities; -inf = omitted
     groups: list[list[int]] = field(default_factory=list)  # tie groups (positions), as decoded
     notes: list[str] = field(default_factory=list)
+    weight: np.ndarray | None = None  # [L] float32: each member's weight in its unit's distribution (None: 1)
 
     @property
     def name(self) -> str:
@@ -228,6 +232,13 @@ def plan_design(structure: Sequence[ProteinChain], options: DesignOptions) -> De
             omitted[positions, AMINO_ACIDS.index(letter)] = True
 
     groups = parse_tie(options.tie, index)
+    groups += [[p for label in members for p in index.resolve(label, "--tied_positions_jsonl")]
+               for members in options.tied_labels or []]
+    weight = None
+    if options.tie_weights:
+        weight = np.ones(len(index), dtype=np.float32)
+        for label, value in options.tie_weights.items():
+            weight[index.resolve(label, "--tied_positions_jsonl")] = value
     if options.homo_oligomer:
         found, said = homo_oligomer_groups(index, chosen)
         groups += found
@@ -266,7 +277,7 @@ def plan_design(structure: Sequence[ProteinChain], options: DesignOptions) -> De
     bias += global_bias
     bias[omitted] = -np.inf
     return DesignPlan(chains, index, example, chosen, tokens, designed, scoring, unit_of, fixed, bias, tied_groups,
-                      notes)
+                      notes, weight)
 
 
 def _apply_fill(fill: str, tokens: np.ndarray, in_chosen: np.ndarray, chosen: Sequence[str]) -> np.ndarray:
@@ -320,8 +331,12 @@ def describe_plan(plan: DesignPlan) -> dict:
             "omitted": {index.labels[p]: "".join(a for i, a in enumerate(AMINO_ACIDS) if np.isinf(bias[p, i]))
                         for p in positions if omitted[p]},
         }
-    return {"structure": plan.name, "designed_chains": plan.chosen, "chains": chains,
-            "tie_groups": [[index.labels[p] for p in members] for members in plan.groups], "notes": plan.notes}
+    described = {"structure": plan.name, "designed_chains": plan.chosen, "chains": chains,
+                 "tie_groups": [[index.labels[p] for p in members] for members in plan.groups], "notes": plan.notes}
+    if plan.weight is not None:
+        described["tie_weights"] = {index.labels[p]: float(plan.weight[p]) for p in np.flatnonzero(plan.designed)
+                                    if plan.weight[p] != 1.0}
+    return described
 
 
 def format_plan(plan: DesignPlan) -> str:
@@ -349,7 +364,8 @@ def format_plan(plan: DesignPlan) -> str:
         for rule, labels in by_rule.items():
             mask = np.isin(index.labels, labels)
             lines.append(f"      {rule}: {index.format(np.flatnonzero(mask))}")
+    weights = description.get("tie_weights", {})
     for members in description["tie_groups"]:
-        lines.append(f"  tie group: {','.join(members)}")
+        lines.append(f"  tie group: {','.join(f'{m}×{weights[m]:g}' if m in weights else m for m in members)}")
     lines += [f"  note: {note}" for note in description["notes"]]
     return "\n".join(lines)

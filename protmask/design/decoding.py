@@ -62,11 +62,13 @@ def _rank_within_example(key: torch.Tensor, example_of_unit: torch.Tensor) -> to
 def decode(model, batch: dict, unit_of: torch.Tensor, scoring: torch.Tensor, allowed: torch.Tensor,
            mask_token_id: int, bias: torch.Tensor | None = None, decoding: str = "mask_predict",
            temperature: float = 0.0, rounds: int = 10, generator: torch.Generator | None = None,
-           structure=None, incremental: bool = True) -> DecodedSequences:
+           structure=None, incremental: bool = True, weight: torch.Tensor | None = None) -> DecodedSequences:
     """Fill every position with ``unit_of >= 0`` (``[B, L]``): positions of one unit get one residue.
 
     A unit's distribution is the mean of its ``scoring`` members' log-probabilities plus ``bias``
     (``[B, L, 20]``, -inf omits), divided by ``temperature``: the argmax at temperature 0, else a sample.
+    ``weight`` (``[B, L]``) scales each member's log-probabilities in that mean (ProteinMPNN's tied_beta:
+    a negative weight designs against a member's state).
     ``mask_predict`` starts with all units hidden and each round commits the most confident 1/(rounds left);
     ``autoregressive`` decodes one unit per step in a random order drawn from ``generator``, each seeing
     the residues decoded before it. ``structure``: the batch's encoding, when the caller already has it.
@@ -87,6 +89,7 @@ def decode(model, batch: dict, unit_of: torch.Tensor, scoring: torch.Tensor, all
     example_of_unit[flat_unit[designed]] = torch.nonzero(designed).flatten() // shape[1]
     member_count = torch.bincount(flat_unit[scoring], minlength=num_units).clamp(min=1)[:, None].float()
     flat_bias = bias.reshape(-1, len(allowed)).to(device) if bias is not None else None
+    flat_weight = weight.reshape(-1).to(device) if weight is not None else None
 
     tokens = batch["input_ids"].clone()
     tokens.view(-1)[designed] = mask_token_id
@@ -128,7 +131,8 @@ def decode(model, batch: dict, unit_of: torch.Tensor, scoring: torch.Tensor, all
             all_lp = amino_acid_log_probs(model, tokens, structure, allowed, step_rank).reshape(-1, len(allowed))
             active_lp = all_lp[positions]
         members = scoring[positions]
-        biased = active_lp[members] + (flat_bias[positions[members]] if flat_bias is not None else 0.0)
+        weighted = active_lp[members] * (flat_weight[positions[members], None] if flat_weight is not None else 1.0)
+        biased = weighted + (flat_bias[positions[members]] if flat_bias is not None else 0.0)
         unit_lp = torch.zeros(num_units, len(allowed), device=device).index_add_(
             0, flat_unit[positions[members]], biased) / member_count
         distribution = (unit_lp / temperature if temperature > 0 else unit_lp).softmax(-1)

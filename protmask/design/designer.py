@@ -33,6 +33,8 @@ class Design:
     global_score: float = float("nan")  # the same over every residue with a backbone
     decoding: str = "mask_predict"
     sampled: np.ndarray | None = None   # [designed positions, 20]: the distributions the residues were drawn from
+    letters: np.ndarray | None = None   # [L] the residue at every position of the structure after design
+    step: np.ndarray | None = None      # [L] the round or step each designed position was decoded at (-1: not)
 
 
 @dataclass
@@ -127,12 +129,13 @@ def design_plan(model, processor, plan: DesignPlan, num_samples: int = 1, temper
     native = np.array(list(plan.example.sequence))
     recovered = plan.scoring & np.isin(native, list(AMINO_ACIDS))
     designed = np.flatnonzero(plan.designed)
+    weight = padded(plan.weight, 1.0)[None] if plan.weight is not None else None
     encoding = encode(model, batch)
     designs = []
     for sample in range(num_samples):
         generator = torch.Generator().manual_seed(seed + sample)
         result = decode(model, batch, unit_of, scoring, allowed, tokenizer.mask_token_id, bias, decoding,
-                        temperature, rounds, generator, encoding)
+                        temperature, rounds, generator, encoding, weight=weight)
         letters = np.array(tokenizer.convert_ids_to_tokens(result.tokens[0, :length].tolist()))
         log_prob = result.log_prob[0, :length].cpu().numpy()
         designed_nll = -log_prob[plan.scoring]
@@ -148,7 +151,8 @@ def design_plan(model, processor, plan: DesignPlan, num_samples: int = 1, temper
             seed=seed + sample, temperature=temperature, positions=positions,
             score=float(designed_nll.mean()),
             global_score=float(np.concatenate([designed_nll, others]).mean()),
-            decoding=decoding, sampled=result.sampled[0, designed].cpu().numpy()))
+            decoding=decoding, sampled=result.sampled[0, designed].cpu().numpy(), letters=letters,
+            step=result.step[0, :length].cpu().numpy()))
     return DesignResult(plan.name, plan.chosen, plan.sequence_of(native), designs, int(plan.designed.sum()),
                         str(getattr(model, "name_or_path", "") or ""))
 
