@@ -311,6 +311,16 @@ def score_command(argv) -> int:
     parser.add_argument("--num_orders", type=int, default=1, help="decoding orders to average over")
     parser.add_argument("--seed", type=int, default=0, help="seed of the decoding orders")
     parser.add_argument("--mutation_scan", action="store_true", help="score every single mutant (see above)")
+    parser.add_argument("--conditional", action="store_true",
+                        help="ProteinMPNN's --conditional_probs_only: per residue of the chosen chains, log p over its "
+                             "21 letters given every other residue and the structure (the residue decoded last); "
+                             "a TSV row per residue")
+    parser.add_argument("--unconditional", action="store_true",
+                        help="ProteinMPNN's --unconditional_probs_only: the same given the structure alone")
+    parser.add_argument("--out_folder", default=None,
+                        help="with --conditional / --unconditional: also ProteinMPNN's "
+                             "OUT/conditional_probs_only/NAME.npz (or unconditional_probs_only/): log_p, S, mask, "
+                             "design_mask")
     parser.add_argument("--chains", default=None, help="chains to score or scan, e.g. A (default: all)")
     parser.add_argument("--homo_oligomer", action="store_true",
                         help="tie chains with the same sequence: a row scores the mutation applied to every copy")
@@ -320,6 +330,10 @@ def score_command(argv) -> int:
     args = parser.parse_args(argv)
     if args.num_orders < 1:
         parser.error("--num_orders must be positive")
+    if args.mutation_scan + args.conditional + args.unconditional > 1:
+        parser.error("--mutation_scan, --conditional and --unconditional are different tables: give one")
+    if args.out_folder and not (args.conditional or args.unconditional):
+        parser.error("--out_folder writes ProteinMPNN's probability files: add --conditional or --unconditional")
     try:
         structure = parse_structure(args.pdb)
         sequences = read_fasta_records(args.sequences) if args.sequences else None
@@ -334,6 +348,8 @@ def score_command(argv) -> int:
         return 2
     model, processor = loaded
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    if args.conditional or args.unconditional:
+        return write_probability_tables(model, processor, structure, options, args)
     if not args.mutation_scan:
         try:
             scores = score_sequences(model, processor, structure, sequences, options.chains, args.num_orders,
@@ -354,6 +370,22 @@ def score_command(argv) -> int:
         print(f"wrote {plot_mutation_scan(scan, Path(args.output).with_suffix('.png'))}")
     except ImportError:
         print("no heat map: install matplotlib (pip install 'protmask[plot]')")
+    return 0
+
+
+def write_probability_tables(model, processor, structure, options, args) -> int:
+    from .design.designer import structure_stem
+    from .design.scoring import letter_probabilities, write_letter_probabilities, write_letter_probabilities_npz
+
+    plan, log_probs = letter_probabilities(model, processor, structure, options.chains, conditional=args.conditional)
+    write_letter_probabilities(plan, log_probs, args.output)
+    print(f"wrote {args.output}: {int(plan.scoring.sum())} residues x 21 letters")
+    if args.out_folder:
+        kind = "conditional_probs_only" if args.conditional else "unconditional_probs_only"
+        path = Path(args.out_folder) / kind / f"{structure_stem(args.pdb)}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_letter_probabilities_npz(plan, log_probs, path)
+        print(f"wrote {path}")
     return 0
 
 

@@ -178,3 +178,75 @@ def test_converted_model_evaluates_far_above_baselines(v020, sample_dir):
     baseline = metrics["baselines"]["most_frequent_residue"]["design_recovery_median"]
     assert metrics["design_recovery_median"] > 0.35 > baseline + 0.2
     assert metrics["teacher_forced_accuracy"] > 0.4 and metrics["teacher_forced_perplexity"] < 6.0
+
+
+def one_decoder_layer_proteinmpnn(tmp_path):
+    """A randomly initialised ProteinMPNN with one decoder layer, saved as its training code saves it and
+    converted: with one layer, ProteinMPNN's conditional probabilities do not depend on its random order."""
+    torch.manual_seed(5)
+    reference = ProteinMPNN(num_letters=21, node_features=32, edge_features=32, hidden_dim=32, num_encoder_layers=2,
+                            num_decoder_layers=1, augment_eps=0.0, k_neighbors=16).eval()
+    torch.save({"num_edges": 16, "noise_level": 0.0, "model_state_dict": reference.state_dict()}, tmp_path / "one.pt")
+    return convert_proteinmpnn(tmp_path / "one.pt", tmp_path / "one"), reference
+
+
+def test_conditional_and_unconditional_probabilities_are_proteinmpnns(v020, sample_dir, tmp_path):
+    from protmask.design.scoring import letter_probabilities
+
+    processor = ProtMaskProcessor(ProtMaskTokenizer())
+    chains = parse_structure(sample_dir / "5vet.pdb.gz")
+    batch = processor([chains])
+    sequence = "".join(c.sequence for c in chains)
+    inputs = reference_inputs(batch, sequence)
+    inputs["randn"] = torch.rand(inputs["mask"].shape, generator=torch.Generator().manual_seed(0)) + 0.1  # its order
+    valid = inputs["mask"].bool()[0]
+    ours, reference = one_decoder_layer_proteinmpnn(tmp_path)
+    plan, got = letter_probabilities(ours, processor, chains, conditional=True)
+    with torch.no_grad():
+        expected = reference.conditional_probs(**inputs, backbone_only=False)[0]
+    assert np.isfinite(got[valid.numpy()]).all() and np.isnan(got[~valid.numpy()]).all()
+    assert np.abs(got[valid.numpy()] - expected[valid].numpy()).max() < 1e-4
+    # structure alone: the same for any depth, here v_48_020's three decoder layers
+    for model, oracle in ((ours, reference), v020):
+        _, got = letter_probabilities(model, processor, chains, conditional=False)
+        with torch.no_grad():
+            expected = oracle.unconditional_probs(inputs["X"], inputs["mask"], inputs["residue_idx"],
+                                                  inputs["chain_encoding_all"])[0]
+        assert np.abs(got[valid.numpy()] - expected[valid].numpy()).max() < 1e-4
+    # three decoder layers: each row is the model's own pass with that one residue hidden (decoded last)
+    model, _ = v020
+    _, got = letter_probabilities(model, processor, chains, chains=["B"], conditional=True)
+    columns = letter_columns(processor)
+    positions = np.flatnonzero(plan.index.chain_of == plan.index.chain_ids.index("B"))
+    assert np.isnan(got[plan.index.chain_positions("A")]).all()
+    for position in positions[::25]:
+        tokens = batch["input_ids"].clone()
+        tokens[0, position] = processor.tokenizer.mask_token_id
+        with torch.no_grad():
+            direct = model(input_ids=tokens, **{k: v for k, v in batch.items() if k not in ("input_ids", "labels")})
+        row = direct.logits[0, position, columns].log_softmax(-1).numpy()
+        assert np.abs(got[position] - row).max() < 1e-4
+
+
+def test_score_command_writes_proteinmpnns_probability_files(v020, sample_dir, tmp_path):
+    model, _ = v020
+    model.save_pretrained(tmp_path / "v020")
+    ProtMaskTokenizer().save_pretrained(tmp_path / "v020")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "protmask.cli", "score", *map(str, a)],  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    for flag, folder in (("--conditional", "conditional_probs_only"), ("--unconditional", "unconditional_probs_only")):
+        done = run("--model", tmp_path / "v020", "--pdb", sample_dir / "5vet.pdb.gz", "--chains", "B", flag,
+                   "--output", tmp_path / f"{folder}.tsv", "--out_folder", tmp_path / "out")
+        assert done.returncode == 0, done.stderr
+        arrays = np.load(tmp_path / "out" / folder / "5vet.npz")
+        assert sorted(arrays.files) == ["S", "design_mask", "log_p", "mask"]
+        length = arrays["S"].shape[0]
+        assert arrays["log_p"].shape == (1, length, 21)
+        designed = arrays["design_mask"] > 0
+        assert np.allclose(np.exp(arrays["log_p"][0, designed]).sum(-1), 1.0, atol=1e-4)
+        rows = (tmp_path / f"{folder}.tsv").read_text().splitlines()
+        assert rows[0].startswith("residue\tnative\tlog_p_A") and len(rows) - 1 == int(designed.sum())
+        assert rows[1].split("\t")[0].startswith("B")
+    refused = run("--model", tmp_path / "v020", "--pdb", sample_dir / "5vet.pdb.gz", "--conditional", "--mutation_scan",
+                  "--output", tmp_path / "x.tsv")
+    assert refused.returncode == 2 and "give one" in refused.stderr

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..residues import AMINO_ACIDS
+from .proteinmpnn_inputs import PROTEINMPNN_ALPHABET
 from .constraints import DesignOptions, plan_design
 from .positions import DesignError
 from .decoding import amino_acid_log_probs, encode, is_causal, log_probs_with_hidden
@@ -156,6 +157,53 @@ def score_sequences(model, processor, structure, sequences=None, chains=None, nu
         results.append(SequenceScore(name, [plan.index.labels[p] for p in np.flatnonzero(scored)],
                                      list(letters[scored]), totals / num_orders, num_orders))
     return results
+
+
+@torch.no_grad()
+def letter_probabilities(model, processor, structure, chains=None, conditional: bool = True, chunk: int = 16):
+    """ProteinMPNN's ``--conditional_probs_only`` (``conditional``: log p(s_i | every other residue and the
+    structure), each residue hidden alone, i.e. decoded last) or ``--unconditional_probs_only`` (log p(s_i |
+    structure), no residue visible), over its 21 letters ``ACDEFGHIKLMNPQRSTVWYX``.
+
+    Returns (plan, ``[L, 21]`` log-probabilities, NaN outside the chosen chains' residues with a backbone).
+    On a causal model a hidden residue sees every visible one, which equals ProteinMPNN's definition exactly
+    for one decoder layer (deeper, ProteinMPNN's other residues also see each other in a random order)."""
+    plan = plan_design(structure, DesignOptions(chains=chains))
+    device = next(model.parameters()).device
+    tokenizer = processor.tokenizer
+    letters21 = torch.tensor(tokenizer.convert_tokens_to_ids(list(PROTEINMPNN_ALPHABET)), device=device)
+    batch = {k: v.to(device) for k, v in processor([plan.example]).items()}
+    width, scored = batch["input_ids"].shape[1], np.flatnonzero(plan.scoring)
+    hidden = torch.zeros(len(scored) if conditional else 1, width, dtype=torch.bool)
+    if conditional:
+        hidden[torch.arange(len(scored)), torch.from_numpy(scored)] = True
+    else:
+        hidden[0, : len(plan.index)] = True
+    log_probs = log_probs_with_hidden(model, batch, hidden, tokenizer.mask_token_id, letters21, chunk)
+    result = np.full((len(plan.index), len(PROTEINMPNN_ALPHABET)), np.nan, dtype=np.float32)
+    rows = torch.arange(len(scored)) if conditional else torch.zeros(len(scored), dtype=torch.long)
+    result[scored] = log_probs[rows, torch.from_numpy(scored)].float().cpu().numpy()
+    return plan, result
+
+
+def write_letter_probabilities(plan, log_probs: np.ndarray, path) -> None:
+    """One TSV row per residue with probabilities: residue, native, log p of each of the 21 letters."""
+    lines = ["residue\tnative\t" + "\t".join(f"log_p_{a}" for a in PROTEINMPNN_ALPHABET)]
+    for position in np.flatnonzero(np.isfinite(log_probs).all(1)):
+        lines.append(f"{plan.index.labels[position]}\t{plan.example.sequence[position]}\t" +
+                     "\t".join(f"{v:.5f}" for v in log_probs[position]))
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def write_letter_probabilities_npz(plan, log_probs: np.ndarray, path) -> None:
+    """ProteinMPNN's conditional_probs_only/NAME.npz (or unconditional_probs_only): ``log_p`` [1, L, 21] (0
+    where not computed), ``S`` the native as letter indices, ``mask`` residues with a backbone,
+    ``design_mask`` the residues computed."""
+    has_backbone = np.isfinite(plan.example.coords).all(axis=(1, 2))
+    letters = [PROTEINMPNN_ALPHABET.find(c) if c in AMINO_ACIDS else 20 for c in plan.example.sequence]
+    np.savez(path, log_p=np.nan_to_num(log_probs, nan=0.0)[None], S=np.array(letters, np.int32),
+             mask=has_backbone.astype(np.float32), design_mask=plan.scoring.astype(np.float32))
 
 
 def write_score_tsv(scores: list[SequenceScore], path) -> None:
