@@ -90,6 +90,23 @@ def add_proteinmpnn_input_arguments(parser) -> None:
     group.add_argument("--bias_by_res_jsonl", default=None, help="{NAME: {CHAIN: [[21 biases] per residue]}}")
     group.add_argument("--omit_AA_jsonl", default=None, help="{NAME: {CHAIN: [[[positions], 'LETTERS'], …]}}")
     group.add_argument("--bias_AA_jsonl", default=None, help="{LETTER: bias} for every designed position")
+    group.add_argument("--pssm_jsonl", default=None,
+                       help="{NAME: {CHAIN: {pssm_coef: [L], pssm_bias: [L x 21], pssm_log_odds: [L x 21]}}} "
+                            "(make_pssm_input_dict.py)")
+    pssm = parser.add_argument_group(
+        "PSSM", "a profile mixed into each designed residue's distribution, with ProteinMPNN's semantics: "
+        "p <- (1 - multi x coef) p + multi x coef x profile (--pssm_bias_flag); letters with log-odds at or "
+        "below --pssm_threshold keep 0.1%% of their probability (--pssm_log_odds_flag)")
+    pssm.add_argument("--pssm", default=None,
+                      help="build the profile from an alignment (a3m or aligned FASTA, the query first; matched to "
+                           "each designed chain by a global alignment): Laplace pseudocounts (1 per amino acid and "
+                           "column), log-odds against a uniform background, coef 1")
+    pssm.add_argument("--pssm_multi", type=float, default=0.0,
+                      help="0: the model alone, 1: the profile alone where coef is 1 (ProteinMPNN's default 0)")
+    pssm.add_argument("--pssm_threshold", type=float, default=0.0, help="the log-odds below which a letter is damped")
+    flag = dict(type=int, choices=(0, 1), nargs="?", const=1, default=0)
+    pssm.add_argument("--pssm_bias_flag", **flag, help="mix the profile in (ProteinMPNN's 0 / 1; alone: 1)")
+    pssm.add_argument("--pssm_log_odds_flag", **flag, help="damp letters under --pssm_threshold (0 / 1; alone: 1)")
 
 
 def design_inputs(args, command: str):
@@ -121,7 +138,23 @@ def design_options(args):
         fill=getattr(args, "fill", None), tie=args.tie, homo_oligomer=args.homo_oligomer, omit_aa=args.omit_aa,
         bias_aa=args.bias_aa,
         bias=read_json_option(args.bias_file, "--bias_file") if args.bias_file else None,
-        omit=read_json_option(args.omit_file, "--omit_file") if args.omit_file else None)
+        omit=read_json_option(args.omit_file, "--omit_file") if args.omit_file else None,
+        **pssm_options(args))
+
+
+def pssm_options(args) -> dict:
+    """The PSSM flags → DesignOptions fields; an alignment without a way to use it is an error."""
+    from .design import DesignError
+
+    if not hasattr(args, "pssm_multi"):
+        return {}
+    if not 0.0 <= args.pssm_multi <= 1.0:
+        raise DesignError(f"--pssm_multi {args.pssm_multi}: give a value from 0 (the model) to 1 (the profile)")
+    if args.pssm and not (args.pssm_bias_flag and args.pssm_multi > 0 or args.pssm_log_odds_flag):
+        raise DesignError("--pssm: say how to use the profile: --pssm_bias_flag with --pssm_multi above 0, and/or "
+                          "--pssm_log_odds_flag with --pssm_threshold")
+    return dict(pssm_alignment=args.pssm, pssm_multi=args.pssm_multi, pssm_threshold=args.pssm_threshold,
+                pssm_bias_flag=bool(args.pssm_bias_flag), pssm_log_odds_flag=bool(args.pssm_log_odds_flag))
 
 
 def structure_files(paths, command: str):

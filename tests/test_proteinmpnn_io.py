@@ -182,11 +182,12 @@ def test_tied_positions_homo_oligomer_and_the_weighted_positive_negative_form(pi
     processor = ProtMaskProcessor(ProtMaskTokenizer())
     batch = processor([plan.example])
     allowed = torch.tensor(processor.tokenizer.amino_acid_ids)
-    unit_of = torch.as_tensor(plan.unit_of)[None]
-    result = decode(model, batch, unit_of, torch.as_tensor(plan.scoring)[None], allowed, processor.tokenizer.mask_token_id,
-                    torch.from_numpy(plan.bias)[None], "mask_predict", 1.0, 1, torch.Generator().manual_seed(0),
-                    weight=torch.from_numpy(plan.weight)[None])
-    hidden = torch.from_numpy(plan.designed)[None]
+    extra = batch["input_ids"].shape[1] - len(plan.index)  # the processor pads
+    pad = lambda a, v: torch.nn.functional.pad(torch.as_tensor(a), (0, 0) * (a.ndim - 1) + (0, extra), value=v)[None]  # noqa: E731
+    result = decode(model, batch, pad(plan.unit_of, -1), pad(plan.scoring, False), allowed,
+                    processor.tokenizer.mask_token_id, pad(plan.bias, 0.0), "mask_predict", 1.0, 1,
+                    torch.Generator().manual_seed(0), weight=pad(plan.weight, 1.0))
+    hidden = pad(plan.designed, False)
     log_p = log_probs_with_hidden(model, batch, hidden, processor.tokenizer.mask_token_id, allowed)[0]
     for a, b in plan.groups[:10]:
         expected = ((1.0 * log_p[a] - 0.5 * log_p[b]) / 2).softmax(-1)
@@ -275,3 +276,105 @@ def test_the_layout_is_protein_mpnn_runs_own_with_its_converted_weights(pipeline
         assert sorted(mine.files) == sorted(reference_arrays.files)
         for key in mine.files:
             assert (mine[key].shape, mine[key].dtype) == (reference_arrays[key].shape, reference_arrays[key].dtype), key
+
+
+def test_a_profile_from_an_alignment_is_the_hand_computed_one(tmp_path):
+    from protmask.design.pssm import alignment_profile, read_alignment
+
+    # a3m: the query's columns are upper case and '-'; lower-case letters are insertions and dropped
+    (tmp_path / "family.a3m").write_text(">query\nACDW\n>hit1\nAaCD-\n>hit2\nCCDW\n")
+    sequences = read_alignment(tmp_path / "family.a3m")
+    assert sequences == ["ACDW", "ACD-", "CCDW"]
+    frequencies, odds = alignment_profile(sequences)
+    assert frequencies.shape == (4, 21) and (frequencies[:, 20] == 0).all()
+    a, c, w = (PROTEINMPNN_ALPHABET.index(x) for x in "ACW")
+    # column 1: A twice, C once, plus one pseudocount for each of the 20 amino acids: (2 + 1) / (3 + 20)
+    assert frequencies[0, a] == pytest.approx(3 / 23) and frequencies[0, c] == pytest.approx(2 / 23)
+    assert frequencies[0, PROTEINMPNN_ALPHABET.index("Y")] == pytest.approx(1 / 23)
+    # column 4: W twice and a gap (not counted): (2 + 1) / (2 + 20)
+    assert frequencies[3, w] == pytest.approx(3 / 22)
+    assert odds[0, a] == pytest.approx(np.log(3 / 23 * 20)) and np.isneginf(odds[:, 20]).all()
+    (tmp_path / "ragged.fasta").write_text(">q\nACDW\n>h\nACD\n")
+    with pytest.raises(Exception, match="not an alignment"):
+        read_alignment(tmp_path / "ragged.fasta")
+
+
+def test_pssm_mixing_follows_proteinmpnns_formula(pipeline):
+    chains = dict(read_parsed_chains(pipeline / "parsed.jsonl"))["4n9o"]
+    model = ProtMaskForMaskedLM.from_pretrained(pipeline / "model").eval()
+    processor = ProtMaskProcessor(ProtMaskTokenizer())
+    rng = np.random.default_rng(0)
+    length = sum(len(c) for c in chains)
+    frequencies = rng.dirichlet(np.ones(21), size=length)
+    odds = rng.normal(size=(length, 21))
+    labels = [f"{c.chain_id}{i}" for c in chains for i in range(1, len(c) + 1)]
+    pssm = {label: (float(rng.uniform()), frequencies[i].tolist(), odds[i].tolist()) for i, label in enumerate(labels)}
+    options = DesignOptions(pssm=pssm, pssm_multi=0.7, pssm_threshold=0.2, pssm_bias_flag=True, pssm_log_odds_flag=True,
+                            omit_aa="W")
+    plan = plan_design(chains, options)
+    batch = processor([plan.example])
+    allowed = torch.tensor(processor.tokenizer.amino_acid_ids)
+    extra = batch["input_ids"].shape[1] - length  # the processor pads
+    pad = lambda a, v: torch.nn.functional.pad(torch.as_tensor(a), (0, 0) * (a.ndim - 1) + (0, extra), value=v)[None]  # noqa: E731
+    profile = (pad(plan.profile.coef, 0.0), pad(plan.profile.frequencies, 0.0), pad(plan.profile.allowed, 1.0))
+    result = decode(model, batch, pad(plan.unit_of, -1), pad(plan.scoring, False), allowed,
+                    processor.tokenizer.mask_token_id, pad(plan.bias, 0.0), "mask_predict", 0.5, 1,
+                    torch.Generator().manual_seed(0), profile=profile)
+    log_p = log_probs_with_hidden(model, batch, pad(plan.designed, False), processor.tokenizer.mask_token_id,
+                                  allowed)[0].double().numpy()
+    for position in np.flatnonzero(plan.designed)[:40]:
+        p = np.exp((log_p[position] + plan.bias[position]) / 0.5)
+        p /= p.sum()  # the model's tempered distribution, W omitted
+        c, (coef, f, o) = 0.7, pssm[labels[position]]
+        f = np.array(f[:20]) / np.sum(f[:20])
+        mixed = ((1 - c * coef) * p + c * coef * f) * (1.0 * (np.array(o[:20]) > 0.2) + 0.001)
+        mixed[AMINO_ACIDS_INDEX["W"]] = 0.0
+        assert np.allclose(result.sampled[0, position].numpy(), mixed / mixed.sum(), atol=1e-5)
+
+
+AMINO_ACIDS_INDEX = {a: i for i, a in enumerate(PROTEINMPNN_ALPHABET[:20])}
+
+
+def test_pssm_files_of_the_helper_script_and_an_alignment_steer_the_design(pipeline, tmp_path):
+    parsed = pipeline / "parsed.jsonl"
+    one = tmp_path / "4n9o.jsonl"
+    one.write_text(next(line for line in parsed.read_text().splitlines() if '"4n9o"' in line) + "\n")
+    chains = {c.chain_id: c for c in read_parsed_chains(one)[0][1]}
+    # make_pssm_input_dict.py reads NAME.npz with CHAIN_coef, CHAIN_bias, CHAIN_odds: chain A all W, chain B none
+    length = {k: len(c) for k, c in chains.items()}
+    w = np.zeros((length["A"], 21))
+    w[:, PROTEINMPNN_ALPHABET.index("W")] = 1.0
+    (tmp_path / "pssm").mkdir()
+    np.savez(tmp_path / "pssm" / "4n9o.npz", A_coef=np.ones(length["A"]), A_bias=w, A_odds=np.zeros((length["A"], 21)),
+             B_coef=np.zeros(length["B"]), B_bias=np.zeros((length["B"], 21)), B_odds=np.zeros((length["B"], 21)))
+    helper("make_pssm_input_dict", "--PSSM_input_path", tmp_path / "pssm", "--jsonl_input_path", one,
+           "--output_path", tmp_path / "pssm.jsonl")
+    done = protmask_cli("design", "--model", pipeline / "model", "--jsonl_path", one, "--pssm_jsonl", tmp_path / "pssm.jsonl",
+                        "--pssm_multi", "1.0", "--pssm_bias_flag", "1", "--temperature", "1.0", "--output_format",
+                        "proteinmpnn", "--output_dir", tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    a, b = read_proteinmpnn_fasta(tmp_path / "out" / "seqs" / "4n9o.fa")[1][1].split("/")
+    assert set(a) == {"W"} and set(b) != {"W"}  # chain A drawn from the profile alone; chain B from the model
+
+    # --pssm FILE: an alignment of the native chain A and four copies with a few substitutions each
+    native = chains["A"].sequence
+    rng = np.random.default_rng(1)
+    copies = ["".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY")) if rng.random() < 0.1 else x for x in native)
+              for _ in range(4)]
+    (tmp_path / "family.fasta").write_text("".join(f">s{i}\n{s}\n" for i, s in enumerate([native] + copies)))
+    base = ["design", "--model", pipeline / "model", "--pdb", pipeline / "pdbs" / "4n9o.pdb", "--chains", "A",
+            "--temperature", "1.0", "--num_samples", "2"]
+    steered = protmask_cli(*base, "--pssm", tmp_path / "family.fasta", "--pssm_log_odds_flag", "--pssm_threshold",
+                           "1.0", "--output", tmp_path / "steered.fasta", "--dry_run")
+    assert steered.returncode == 0, steered.stderr
+    assert "pssm: 5 sequences" in steered.stdout and "on chains A" in steered.stdout
+    recovery = {}
+    for name, flags in (("free", []), ("steered", ["--pssm", tmp_path / "family.fasta", "--pssm_log_odds_flag",
+                                                   "--pssm_threshold", "1.0"])):
+        done = protmask_cli(*base, *flags, "--output", tmp_path / f"{name}.fasta")
+        assert done.returncode == 0, done.stderr
+        recovery[name] = np.mean([float(line.split("recovery=")[1].split()[0])
+                                  for line in (tmp_path / f"{name}.fasta").read_text().splitlines() if "recovery=" in line])
+    assert recovery["steered"] > 0.85 and recovery["free"] < 0.3, recovery
+    refused = protmask_cli(*base, "--pssm", tmp_path / "family.fasta", "--output", tmp_path / "x.fasta")
+    assert refused.returncode == 2 and "say how to use the profile" in refused.stderr

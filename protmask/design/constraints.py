@@ -18,6 +18,8 @@ from ..data.collator import Example, to_example
 from ..residues import AMINO_ACIDS
 from ..structure import ProteinChain
 from .positions import DesignError, ResidueIndex
+from .pssm import MIN_QUERY_IDENTITY as MIN_ALIGNMENT_IDENTITY
+from .pssm import Profile, alignment_profile, build_profile, query_to_chain, read_alignment
 
 MASK_CHARACTERS = "_?-*"
 #: Chains whose residues agree at every shared residue number, and share at least this fraction of the
@@ -41,6 +43,13 @@ class DesignOptions:
     tied_labels: Sequence[Sequence[str]] | None = None  # tie groups as residue labels: [["A12", "B12"], …]
     tie_weights: Mapping[str, float] | None = None  # per position: the weight of its log-probabilities in its
     #                                                 group's (ProteinMPNN's tied_beta; negative: negative design)
+    # a profile, with ProteinMPNN's semantics (see pssm.py): per residue (coef, 21 frequencies, 21 log-odds)
+    pssm: Mapping[str, tuple] | None = None
+    pssm_alignment: str | None = None  # an a3m / FASTA alignment to build it from, matched to the designed chains
+    pssm_multi: float = 0.0
+    pssm_threshold: float = 0.0
+    pssm_bias_flag: bool = False
+    pssm_log_odds_flag: bool = False
 
 
 @dataclass
@@ -60,6 +69,7 @@ class DesignPlan:
     groups: list[list[int]] = field(default_factory=list)  # tie groups (positions), as decoded
     notes: list[str] = field(default_factory=list)
     weight: np.ndarray | None = None  # [L] float32: each member's weight in its unit's distribution (None: 1)
+    profile: Profile | None = None    # the PSSM mixed into designed residues' distributions
 
     @property
     def name(self) -> str:
@@ -276,8 +286,40 @@ def plan_design(structure: Sequence[ProteinChain], options: DesignOptions) -> De
     _check_allowed(index, unit_of, omitted, designed)
     bias += global_bias
     bias[omitted] = -np.inf
+    profile = _profile(options, index, chosen, notes)
     return DesignPlan(chains, index, example, chosen, tokens, designed, scoring, unit_of, fixed, bias, tied_groups,
-                      notes, weight)
+                      notes, weight, profile)
+
+
+def _profile(options: DesignOptions, index: ResidueIndex, chosen: Sequence[str], notes: list[str]):
+    """The plan's PSSM from --pssm_jsonl rows and/or an alignment (each designed chain the query matches)."""
+    rows = {}
+    for label, row in (options.pssm or {}).items():
+        for position in index.resolve(label, "--pssm_jsonl"):
+            rows[position] = row
+    if options.pssm_alignment:
+        sequences = read_alignment(options.pssm_alignment)
+        frequencies, odds = alignment_profile(sequences)
+        matched = []
+        for chain_id in chosen:
+            positions = index.chain_positions(chain_id)
+            mapping = query_to_chain(sequences[0], "".join(index.chains[index.chain_ids.index(chain_id)].sequence))
+            if mapping:
+                matched.append(chain_id)
+                rows.update({int(positions[at]): (1.0, frequencies[column], odds[column])
+                             for column, at in mapping.items()})
+        if not matched:
+            raise DesignError(f"--pssm {options.pssm_alignment}: its first sequence matches none of the designed "
+                              f"chains ({','.join(chosen)}) at {MIN_ALIGNMENT_IDENTITY:.0%} identity")
+        notes.append(f"pssm: {len(sequences)} sequences of {options.pssm_alignment} on chains {','.join(matched)}")
+    profile = build_profile(len(index), rows, options.pssm_multi, options.pssm_threshold, options.pssm_bias_flag,
+                            options.pssm_log_odds_flag)
+    if rows:
+        notes.append(f"pssm: {len(rows)} residues" + (
+            f", --pssm_multi {options.pssm_multi:g}" * options.pssm_bias_flag +
+            f", log-odds above {options.pssm_threshold:g}" * options.pssm_log_odds_flag if profile is not None else
+            " given, but neither --pssm_bias_flag nor --pssm_log_odds_flag is on: not used (as ProteinMPNN)"))
+    return profile
 
 
 def _apply_fill(fill: str, tokens: np.ndarray, in_chosen: np.ndarray, chosen: Sequence[str]) -> np.ndarray:

@@ -62,13 +62,15 @@ def _rank_within_example(key: torch.Tensor, example_of_unit: torch.Tensor) -> to
 def decode(model, batch: dict, unit_of: torch.Tensor, scoring: torch.Tensor, allowed: torch.Tensor,
            mask_token_id: int, bias: torch.Tensor | None = None, decoding: str = "mask_predict",
            temperature: float = 0.0, rounds: int = 10, generator: torch.Generator | None = None,
-           structure=None, incremental: bool = True, weight: torch.Tensor | None = None) -> DecodedSequences:
+           structure=None, incremental: bool = True, weight: torch.Tensor | None = None,
+           profile=None) -> DecodedSequences:
     """Fill every position with ``unit_of >= 0`` (``[B, L]``): positions of one unit get one residue.
 
     A unit's distribution is the mean of its ``scoring`` members' log-probabilities plus ``bias``
     (``[B, L, 20]``, -inf omits), divided by ``temperature``: the argmax at temperature 0, else a sample.
     ``weight`` (``[B, L]``) scales each member's log-probabilities in that mean (ProteinMPNN's tied_beta:
-    a negative weight designs against a member's state).
+    a negative weight designs against a member's state). ``profile``: (coef ``[B, L]``, frequencies and
+    allowed ``[B, L, 20]``), a PSSM mixed into each unit's distribution as ProteinMPNN does (see pssm.py).
     ``mask_predict`` starts with all units hidden and each round commits the most confident 1/(rounds left);
     ``autoregressive`` decodes one unit per step in a random order drawn from ``generator``, each seeing
     the residues decoded before it. ``structure``: the batch's encoding, when the caller already has it.
@@ -136,6 +138,9 @@ def decode(model, batch: dict, unit_of: torch.Tensor, scoring: torch.Tensor, all
         unit_lp = torch.zeros(num_units, len(allowed), device=device).index_add_(
             0, flat_unit[positions[members]], biased) / member_count
         distribution = (unit_lp / temperature if temperature > 0 else unit_lp).softmax(-1)
+        if profile is not None:
+            distribution = _mix_profile(distribution, unit_lp, profile, positions[members],
+                                        flat_unit[positions[members]], member_count)
         choice = torch.zeros(num_units, dtype=torch.long, device=device)
         candidates = torch.nonzero(commit if commit is not None else remaining).flatten()
         choice[candidates] = _draw(distribution[candidates], temperature, generator)
@@ -160,6 +165,18 @@ def decode(model, batch: dict, unit_of: torch.Tensor, scoring: torch.Tensor, all
         remaining &= ~commit
     log_prob.view(-1)[~scoring] = float("nan")
     return DecodedSequences(tokens, log_prob, sampled, step_of)
+
+
+def _mix_profile(distribution, unit_lp, profile, positions, units, member_count) -> torch.Tensor:
+    """ProteinMPNN's PSSM step on each unit's distribution, the profile averaged over the unit's members:
+    (1 - c) p + c f, then p x allowed renormalised; omitted letters (-inf) stay at zero."""
+    coef, frequencies, allowed = (value.reshape(-1, *value.shape[2:]).to(distribution.device) for value in profile)
+    per_unit = lambda values: torch.zeros(len(distribution), *values.shape[1:], device=distribution.device).index_add_(  # noqa: E731
+        0, units, values[positions]) / member_count.reshape(-1, *[1] * (values.dim() - 1))
+    c = per_unit(coef)[:, None]
+    mixed = ((1 - c) * distribution + c * per_unit(frequencies)) * per_unit(allowed)
+    mixed = mixed.masked_fill(torch.isneginf(unit_lp), 0.0)
+    return mixed / mixed.sum(-1, keepdim=True).clamp(min=1e-30)
 
 
 def _draw(distribution: torch.Tensor, temperature: float, generator) -> torch.Tensor:

@@ -130,12 +130,16 @@ def design_plan(model, processor, plan: DesignPlan, num_samples: int = 1, temper
     recovered = plan.scoring & np.isin(native, list(AMINO_ACIDS))
     designed = np.flatnonzero(plan.designed)
     weight = padded(plan.weight, 1.0)[None] if plan.weight is not None else None
+    profile = None
+    if plan.profile is not None:
+        rows = lambda array: torch.nn.functional.pad(torch.from_numpy(array), (0, 0, 0, width - length))[None]  # noqa: E731
+        profile = (padded(plan.profile.coef, 0.0)[None], rows(plan.profile.frequencies), rows(plan.profile.allowed))
     encoding = encode(model, batch)
     designs = []
     for sample in range(num_samples):
         generator = torch.Generator().manual_seed(seed + sample)
         result = decode(model, batch, unit_of, scoring, allowed, tokenizer.mask_token_id, bias, decoding,
-                        temperature, rounds, generator, encoding, weight=weight)
+                        temperature, rounds, generator, encoding, weight=weight, profile=profile)
         letters = np.array(tokenizer.convert_ids_to_tokens(result.tokens[0, :length].tolist()))
         log_prob = result.log_prob[0, :length].cpu().numpy()
         designed_nll = -log_prob[plan.scoring]

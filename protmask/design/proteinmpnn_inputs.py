@@ -31,7 +31,7 @@ PROTEINMPNN_ALPHABET = "ACDEFGHIKLMNPQRSTVWYX"
 assert PROTEINMPNN_ALPHABET[:20] == AMINO_ACIDS  # protmask designs over the same 20 letters, in this order
 #: The flags of the per-structure control files, as `protein_mpnn_run.py` names them (with underscores).
 CONTROL_FLAGS = ("chain_id_jsonl", "fixed_positions_jsonl", "tied_positions_jsonl", "bias_by_res_jsonl",
-                 "omit_AA_jsonl")
+                 "omit_AA_jsonl", "pssm_jsonl")
 
 
 def read_json_lines(path, flag: str) -> dict:
@@ -162,11 +162,20 @@ class ProteinMPNNControls:
                 for i in indices:
                     position = label(chain_id, i, "omit_AA_jsonl")
                     omit[position] = omit.get(position, "") + letters.replace("X", "")
+        pssm = {}
+        for chain_id, table in (self.entry("pssm_jsonl", name) or {}).items():
+            if not table:  # ProteinMPNN's way of saying: no profile for this chain
+                continue
+            for i, row in enumerate(zip(table["pssm_coef"], table["pssm_bias"], table["pssm_log_odds"]), 1):
+                position = label(chain_id, i, "pssm_jsonl")
+                if position:
+                    pssm[position] = row
         bias_aa = {**_as_mapping(base.bias_aa), **{k: float(v) for k, v in self.bias_aa.items() if k != "X"}}
         return replace(base, chains=designed,
                        fix=",".join(filter(None, [base.fix, ",".join(p for p in fix if p)])) or None,
                        tied_labels=list(base.tied_labels or []) + ties, tie_weights={**(base.tie_weights or {}), **weights},
-                       bias={**(base.bias or {}), **bias}, omit={**(base.omit or {}), **omit}, bias_aa=bias_aa or None)
+                       bias={**(base.bias or {}), **bias}, omit={**(base.omit or {}), **omit}, bias_aa=bias_aa or None,
+                       pssm={**(base.pssm or {}), **pssm} or None)
 
 
 def _labeller(name: str, index: dict):
