@@ -183,6 +183,16 @@ def design_parser():
                         help="structure files (.pdb, .cif, .ent, optionally .gz), folders of them, or list files")
     add_design_control_arguments(parser)
     add_proteinmpnn_input_arguments(parser)
+    parser.add_argument("--states", nargs="+", default=None,
+                        help="multi-state design: one sequence for these structure files (instead of --pdb), each "
+                             "planned with the same options; tie residues across them with --tie "
+                             "'a.pdb:A12,b.pdb:A12;…' or --tie_by_number")
+    parser.add_argument("--state_weights", type=float, nargs="+", default=None,
+                        help="one weight per --states file (default 1 each): a tied unit's residue is drawn from the "
+                             "weighted mean of its members' log-probabilities; negative designs against a state")
+    parser.add_argument("--tie_by_number", action="store_true",
+                        help="with --states: tie every designed residue that has the same chain and number in "
+                             "several states")
     parser.add_argument("--fill", default=None,
                         help="the designed chains' sequence with positions to fill written as _ (chains may be "
                              "separated by /); only those are designed")
@@ -239,6 +249,8 @@ def design_command(argv) -> int:
         parser.error("--output_format proteinmpnn writes ProteinMPNN's folders: give --output_dir DIR")
     if (args.save_score or args.save_probs) and not proteinmpnn_format:
         parser.error("--save_score and --save_probs write ProteinMPNN's .npz files: add --output_format proteinmpnn")
+    if args.states:
+        return design_states_command(args, parser)
     inputs = design_inputs(args, "design")
     if inputs is None:
         return 2
@@ -291,6 +303,45 @@ def design_command(argv) -> int:
         Path(args.probabilities).write_text("\n".join(tsv) + "\n")
     print(f"wrote {args.output or args.output_dir}")
     return report_failures("design", failed, len(plans))
+
+
+def design_states_command(args, parser) -> int:
+    """--states: one sequence for several structures (see design/multistate.py)."""
+    from .design import DesignError, plan_design
+    from .design.multistate import design_states, format_states, plan_states, state_fasta
+    from .structure import StructureError, parse_structure
+
+    if args.pdb or args.jsonl_path or args.output_format != "protmask" or args.output_dir or args.probabilities:
+        parser.error("--states writes one FASTA (--output) and takes its structures from --states only")
+    if args.tie_by_number is False and not args.tie:
+        parser.error("--states: tie residues across the states with --tie 'a.pdb:A12,b.pdb:A12' or --tie_by_number")
+    weights = args.state_weights or [1.0] * len(args.states)
+    tie, args.tie = args.tie, None  # the cross-state ties are read by plan_states, not by each state's plan
+    try:
+        options = design_options(args)
+        plans = [plan_design(parse_structure(path), options) for path in args.states]
+        states = plan_states(args.states, plans, weights, tie, args.tie_by_number)
+    except (DesignError, StructureError) as error:
+        print(f"protmask design: error: {error}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(format_states(states))
+        return 0
+    if not args.output:
+        parser.error("--states: give --output FILE")
+    loaded = load_model_for("design", args)
+    if loaded is None:
+        return 2
+    model, processor = loaded
+    samples = design_states(model, processor, states, args.num_samples, args.temperature, args.seed, args.rounds,
+                            args.decoding)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text("\n".join(state_fasta(states, samples, str(args.model))) + "\n")
+    for number, designs in enumerate(samples, 1):
+        print(f"design {number}: " + ", ".join(f"{Path(n).name} score {d.score:.3f} recovery {d.recovery:.3f}"
+                                                for n, d in zip(args.states, designs)))
+    print(f"wrote {args.output}")
+    return 0
 
 
 def read_fasta_records(path) -> list[tuple[str, str]]:
