@@ -583,6 +583,6 @@ def main(argv=None) -> int:
             raise
         print(f"train_accelerate.py: error: another process stopped answering for --process_group_timeout "
               f"{args.process_group_timeout} s ({str(error).splitlines()[0][:200]}); the job stops. See "
-              "'A rank hangs' in the README's troubleshooting.", file=sys.stderr)
+              "'A rank hangs' in docs/troubleshooting.md.", file=sys.stderr)
         return 1
     return 0

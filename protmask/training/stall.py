@@ -61,7 +61,7 @@ class StallWatch:
         return (f"\ntrain_accelerate.py: rank {self.rank} of {self.world_size} on {socket.gethostname()}: no progress "
                 f"for {silent:.0f} s since {where} (--process_group_timeout {self.timeout_s:g} s): another process "
                 "stopped answering; the job stops when the collective times out (on NCCL the watchdog aborts this "
-                "rank next). See 'A rank hangs' in the README's troubleshooting.")
+                "rank next). See 'A rank hangs' in docs/troubleshooting.md.")
 
 
 def watch_for_stalls(accelerator, timeout_s: float) -> StallWatch | None:
