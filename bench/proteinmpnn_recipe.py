@@ -9,7 +9,7 @@ sampler, crop and chain shuffle), converted to its featurize() tensors, so the t
 trainer. Its weights are then converted with `convert-proteinmpnn` (exact) and every run is scored by
 `protmask evaluate --split test` on one fixed split; several seeds give the spread.
 
-    python bench/proteinmpnn_recipe.py --reference /path/to/ProteinMPNN              # 3 seeds × 6 runs, ~2 h on 2 cores
+    python bench/proteinmpnn_recipe.py --reference /path/to/ProteinMPNN              # 3 seeds × 6 runs, ~3.5 h on 2 cores (masked runs ~25 min each)
     python bench/proteinmpnn_recipe.py --reference DIR --seeds 0 --variants training_py recipe
     python bench/proteinmpnn_recipe.py --reference DIR --seeds 3 --keep    # one more seed into the same table
 """

@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "ProteinMPNN's training/training.py (its model, Adam 0.9/0.98/1e-9, Noam schedule, "
                             "label smoothing 0.1, dropout 0.1, 0.2 A noise, chain order shuffled, 10000-residue "
                             "batches, cluster sampling; clipping stays at 1.0); masked: protmask's masked model with "
-                            "ProteinMPNN's optimiser, Noam schedule and label smoothing and --mask_ratio_max 1.0, "
-                            "the from-scratch recipe measured best for it; see docs/published-weights.md")
+                            "ProteinMPNN's optimiser, Noam schedule and label smoothing and --mask_ratio_max 1.0 "
+                            "(measured against the others in docs/figures.md); see docs/published-weights.md")
     train.add_argument("--learning_rate", type=float, default=1e-4,
                        help="base learning rate (before scaling); the peak rate of --lr_scheduler_type noam")
     train.add_argument("--lr_scaling", choices=("none", "linear", "sqrt"), default="linear",
