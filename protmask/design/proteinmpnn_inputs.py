@@ -21,13 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..models.convert_proteinmpnn import PROTEINMPNN_ALPHABET  # its letter order: bias tables use its columns
 from ..residues import AMINO_ACIDS
 from ..structure import ProteinChain
 from .constraints import DesignOptions
 from .positions import DesignError
 
-#: ProteinMPNN's alphabet: the 20 amino acids in this order, then X. Bias tables use its columns.
-PROTEINMPNN_ALPHABET = "ACDEFGHIKLMNPQRSTVWYX"
 assert PROTEINMPNN_ALPHABET[:20] == AMINO_ACIDS  # protmask designs over the same 20 letters, in this order
 #: The flags of the per-structure control files, as `protein_mpnn_run.py` names them (with underscores).
 CONTROL_FLAGS = ("chain_id_jsonl", "fixed_positions_jsonl", "tied_positions_jsonl", "bias_by_res_jsonl",
