@@ -9,6 +9,20 @@ AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 UNKNOWN_RESIDUE = "X"
 #: Backbone atoms stored per residue, in this order (``coords[:, i]``).
 BACKBONE_ATOMS = ("N", "CA", "C", "O")
+#: What a model reads of each residue (``ProtMaskConfig.backbone``), as columns of ``coords``: every backbone
+#: atom, or the CA alone (ProteinMPNN's CA-only models, for CA traces and coarse models).
+BACKBONE_COLUMNS = {"full": (0, 1, 2, 3), "ca": (1,)}
+
+
+def has_backbone(coords, backbone: str = "full"):
+    """``[..., L]`` bool: the residue has every atom a ``backbone`` model reads. ``coords`` ``[..., L, 4, 3]``
+    (numpy or torch, NaN where missing)."""
+    columns = BACKBONE_COLUMNS[backbone]
+    if hasattr(coords, "isfinite"):  # a torch tensor
+        return coords[..., list(columns), :].isfinite().all(-1).all(-1)
+    import numpy as np
+
+    return np.isfinite(coords[..., list(columns), :]).all(axis=(-2, -1))
 
 # D-amino acids (PDB chemical component codes). Biopython's extended table has no entry for them and
 # `is_aa()` recognises only glycine in an all-D protein, so they would vanish from the sequence; we keep

@@ -63,6 +63,10 @@ class ProtMaskConfig(PreTrainedConfig):
             neighbour decoded earlier contributes its decoder state and residue, any other its encoder state
             and no residue, and decoder messages count every neighbour (ProteinMPNN masks edges in the
             encoder only). Without a rank, visible residues count as decoded first and hidden ones after.
+        backbone (`str`, defaults to `"full"`):
+            What the model reads of a residue. `"full"`: N, CA, C and O; residues missing any are left out.
+            `"ca"`: the CA alone, with ProteinMPNN's CA-only features (distances between the CAs before, at and
+            after two neighbours, and their relative orientation): for CA traces and coarse models.
         message_bias_per_neighbor (`bool`, defaults to `False`):
             Add the bias of each message MLP's last layer once per neighbour (ProteinMPNN) instead of once
             per residue; converted ProteinMPNN weights set it.
@@ -100,6 +104,7 @@ class ProtMaskConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     decoder_context: str = "masked"
     message_bias_per_neighbor: bool = False
+    backbone: str = "full"
 
     def validate_architecture(self):
         problems = []
@@ -121,6 +126,8 @@ class ProtMaskConfig(PreTrainedConfig):
             problems.append(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.decoder_context not in ("masked", "causal"):
             problems.append(f"decoder_context must be 'masked' or 'causal', got {self.decoder_context!r}")
+        if self.backbone not in ("full", "ca"):
+            problems.append(f"backbone must be 'full' or 'ca', got {self.backbone!r}")
         if self.rbf_max <= self.rbf_min:
             problems.append("rbf_max must be larger than rbf_min")
         if problems:

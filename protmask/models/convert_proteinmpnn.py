@@ -24,6 +24,11 @@ PROTEINMPNN_ALPHABET = "ACDEFGHIKLMNPQRSTVWYX"
 PROTEINMPNN_PAIRS = ("CA-CA N-N C-C O-O CB-CB CA-N CA-C CA-O CA-CB N-C N-O N-CB CB-C CB-O O-C N-CA C-CA O-CA "
                      "CB-CA C-N O-N CB-N C-CB O-CB C-O").split()
 PROTMASK_ATOMS = ("N", "CA", "C", "O", "CB")
+#: The CA-only models' 9 blocks (``CA_ProteinFeatures``), their CAs named by offset along the chain: the
+#: residue's own (0), the one before (-1) and after (+1); protmask's order is the product of (-1, 0, +1).
+PROTEINMPNN_CA_PAIRS = ("0:0", "-1:-1", "+1:+1", "-1:0", "-1:+1", "0:-1", "0:+1", "+1:-1", "+1:0")
+PROTMASK_CA_ATOMS = ("-1", "0", "+1")
+NUM_ORIENTATION = 7
 NUM_POSITIONAL = 16
 #: Logit bias of protmask's special tokens in a converted head: ProteinMPNN never predicts them.
 SPECIAL_TOKEN_LOGIT = -1.0e4
@@ -66,9 +71,6 @@ def read_checkpoint(path) -> dict:
         raise ConversionError(f"{path}: no model_state_dict; expected a ProteinMPNN checkpoint (published weights "
                               "or training/training.py's epoch_last.pt)")
     state = checkpoint["model_state_dict"]
-    if "W_v.weight" in state or "features.node_project.weight" in state:
-        raise ConversionError(f"{path}: a CA-only ProteinMPNN model; protmask reads full backbones (N, CA, C, O) "
-                              "and its features differ, so CA-only weights cannot be converted")
     if "features.edge_embedding.weight" not in state:
         raise ConversionError(f"{path}: not a ProteinMPNN model_state_dict (no features.edge_embedding.weight)")
     return checkpoint
@@ -82,17 +84,25 @@ def convert_state_dict(checkpoint: dict) -> tuple[ProtMaskConfig, dict]:
     """(config, protmask state dict) for a ProteinMPNN checkpoint."""
     state = {k: v.float() for k, v in checkpoint["model_state_dict"].items()}
     hidden = state["W_e.weight"].shape[0]
+    # CA-only models carry node-feature layers (W_v, features.node_embedding) that their forward never uses.
+    ca_only = "W_v.weight" in state
     config = ProtMaskConfig(
         hidden_dim=hidden, num_encoder_layers=_layer_count(state, "encoder_layers"),
         num_decoder_layers=_layer_count(state, "decoder_layers"), num_neighbors=int(checkpoint.get("num_edges", 48)),
         backbone_noise=float(checkpoint.get("noise_level", 0.0)), dropout=0.1, decoder_context="causal",
-        message_bias_per_neighbor=True)
-    edge_embedding = state["features.edge_embedding.weight"]  # [H, 16 positional + 25 × 16 RBF]
+        message_bias_per_neighbor=True, backbone="ca" if ca_only else "full")
+    edge_embedding = state["features.edge_embedding.weight"]  # [H, 16 positional + pairs × 16 RBF (+ 7)]
     num_rbf = config.num_rbf
+    atoms, pairs, separator = ((PROTMASK_CA_ATOMS, PROTEINMPNN_CA_PAIRS, ":") if ca_only
+                               else (PROTMASK_ATOMS, PROTEINMPNN_PAIRS, "-"))
+    expected = NUM_POSITIONAL + len(pairs) * num_rbf + (NUM_ORIENTATION if ca_only else 0)
+    if edge_embedding.shape[1] != expected:
+        raise ConversionError(f"features.edge_embedding.weight has {edge_embedding.shape[1]} inputs; a ProteinMPNN "
+                              f"{'CA-only' if ca_only else 'full-backbone'} model has {expected}")
     blocks = []
-    for atom in PROTMASK_ATOMS:
-        for neighbor_atom in PROTMASK_ATOMS:
-            start = NUM_POSITIONAL + PROTEINMPNN_PAIRS.index(f"{atom}-{neighbor_atom}") * num_rbf
+    for atom in atoms:
+        for neighbor_atom in atoms:
+            start = NUM_POSITIONAL + pairs.index(f"{atom}{separator}{neighbor_atom}") * num_rbf
             blocks.append(edge_embedding[:, start:start + num_rbf])
     positional = state["features.embeddings.linear.weight"] + state["features.embeddings.linear.bias"][:, None]
     out = {
@@ -103,6 +113,8 @@ def convert_state_dict(checkpoint: dict) -> tuple[ProtMaskConfig, dict]:
         "protmask.features.edge_input.weight": state["W_e.weight"],
         "protmask.features.edge_input.bias": state["W_e.bias"],
     }
+    if ca_only:
+        out["protmask.features.orientation_projection.weight"] = edge_embedding[:, expected - NUM_ORIENTATION:]
     for i in range(config.num_encoder_layers):
         source, target = f"encoder_layers.{i}", f"protmask.encoder_layers.{i}"
         out.update(_node_update(state, source, f"{target}.node_update", hidden, decoder=False))
@@ -166,8 +178,10 @@ def model_card(name, path: Path, checkpoint: dict) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     noise = checkpoint.get("noise_level")
-    data = ModelCardData(library_name="transformers", license="mit", tags=["protmask", "proteinmpnn", "protein",
-                                                                           "inverse-folding"])
+    tags = ["protmask", "proteinmpnn", "protein", "inverse-folding"]
+    if "W_v.weight" in checkpoint["model_state_dict"]:
+        tags.append("ca-only")
+    data = ModelCardData(library_name="transformers", license="mit", tags=tags)
     steps = f", training step {checkpoint['step']}" if "step" in checkpoint else ""
     content = "\n".join([
         f"---\n{data.to_yaml()}\n---", "", f"# ProteinMPNN {Path(str(name)).stem} in protmask format", "",
@@ -178,7 +192,10 @@ def model_card(name, path: Path, checkpoint: dict) -> str:
         "The converted model computes ProteinMPNN's function: for a structure, sequence and decoding order its "
         "per-residue log-probabilities equal those of `protein_mpnn_utils.ProteinMPNN` (eval mode). It uses "
         "`decoder_context=\"causal\"`; design with `protmask design --decoding autoregressive` as ProteinMPNN "
-        "does.", "",
+        "does.", "", *([
+            "A CA-only model (`backbone=\"ca\"`, ProteinMPNN's `--ca_only`): it reads each residue's CA alone, so "
+            "it designs CA traces and coarse models; N, C and O are ignored where present.", ""]
+            if "W_v.weight" in checkpoint["model_state_dict"] else []),
         "```python", "import protmask", "from transformers import AutoModelForMaskedLM",
         "model = AutoModelForMaskedLM.from_pretrained(PATH)", "```", ""])
     return str(ModelCard(content))

@@ -26,6 +26,7 @@ from transformers.modeling_outputs import MaskedLMOutput
 from transformers.utils import ModelOutput
 
 from ..metrics import masked_lm_loss
+from ..residues import has_backbone
 from .configuration_protmask import ProtMaskConfig
 
 # Ideal-geometry coefficients for the virtual CB from N, CA, C (as in ProteinMPNN and trRosetta).
@@ -68,7 +69,10 @@ class StructureEncoding(ModelOutput):
 
     node_states: ``[B, L, H]``; edge_states: ``[B, L, K, H]``; neighbor_index: ``[B, L, K]``;
     node_mask: ``[B, L]`` (float, 1 where the residue has a complete backbone);
-    edge_mask: ``[B, L, K]`` (float, 1 where both ends are such residues).
+    edge_mask: ``[B, L, K]`` (float, 1 where both ends are such residues);
+    causal_edge_mask: ``[B, L, K]``, the edges ProteinMPNN's decoder counts: from such a residue to any residue
+    of the structure, with or without a backbone, but not to padding (so a structure with fewer residues than
+    neighbours decodes in a padded batch as it does alone).
     """
 
     node_states: torch.Tensor | None = None
@@ -76,6 +80,7 @@ class StructureEncoding(ModelOutput):
     neighbor_index: torch.Tensor | None = None
     node_mask: torch.Tensor | None = None
     edge_mask: torch.Tensor | None = None
+    causal_edge_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -95,6 +100,9 @@ class BackboneFeatures(nn.Module):
     ±max_relative_position, with one class for "different chain").
     """
 
+    #: The backbone columns a residue needs (see `protmask.residues.BACKBONE_COLUMNS`).
+    backbone = "full"
+
     def __init__(self, config: ProtMaskConfig):
         super().__init__()
         self.num_neighbors = config.num_neighbors
@@ -102,34 +110,36 @@ class BackboneFeatures(nn.Module):
         self.rbf_min, self.rbf_max = config.rbf_min, config.rbf_max
         self.max_relative_position = config.max_relative_position
         self.backbone_noise = config.backbone_noise
-        self.rbf_projection = nn.Linear(NUM_ATOM_TYPES * NUM_ATOM_TYPES * config.num_rbf, config.hidden_dim, bias=False)
+        self.rbf_projection = nn.Linear(self.num_atom_pairs() * config.num_rbf, config.hidden_dim, bias=False)
         self.position_embedding = nn.Embedding(2 * config.max_relative_position + 2, config.hidden_dim)
         self.norm = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
         self.edge_input = nn.Linear(config.hidden_dim, config.hidden_dim)
+
+    @staticmethod
+    def num_atom_pairs() -> int:
+        return NUM_ATOM_TYPES * NUM_ATOM_TYPES
 
     def forward(self, coords, attention_mask, residue_index, chain_index):
         # Geometry in float32 even under autocast: bf16 distances would blur the neighbour ranking.
         with torch.autocast(device_type=coords.device.type, enabled=False):
             coords = coords.float()
-            node_mask = attention_mask.bool() & torch.isfinite(coords).all(dim=-1).all(dim=-1)
+            node_mask = attention_mask.bool() & has_backbone(coords, self.backbone)
             coords = torch.where(node_mask[..., None, None], coords, torch.zeros_like(coords))
             if self.training and self.backbone_noise > 0:
                 coords = coords + self.backbone_noise * torch.randn_like(coords) * node_mask[..., None, None]
-            n, ca, c, o = coords.unbind(dim=-2)
-            b, cc = ca - n, c - ca
-            cb = _CB_A * torch.cross(b, cc, dim=-1) + _CB_B * b + _CB_C * cc + ca
-            atoms = torch.stack([n, ca, c, o, cb], dim=-2)  # [B, L, 5, 3]
+            atoms = self.atoms(coords)  # [B, L, A, 3]
 
             length = coords.shape[1]
             k = min(self.num_neighbors, length)
+            ca = coords[:, :, 1]
             distance = torch.cdist(ca, ca, compute_mode="donot_use_mm_for_euclid_dist")
             distance = distance.masked_fill(~node_mask[:, None, :], float("inf"))
             neighbor_distance, neighbor_index = distance.topk(k, dim=-1, largest=False)
             edge_mask = node_mask[:, :, None] & torch.isfinite(neighbor_distance)
 
-            neighbor_atoms = gather_neighbors(atoms, neighbor_index)  # [B, L, K, 5, 3]
+            neighbor_atoms = gather_neighbors(atoms, neighbor_index)  # [B, L, K, A, 3]
             delta = atoms[:, :, None, :, None, :] - neighbor_atoms[:, :, :, None, :, :]
-            pair_distance = (delta.square().sum(-1) + 1e-6).sqrt().flatten(-2)  # [B, L, K, 25]
+            pair_distance = (delta.square().sum(-1) + 1e-6).sqrt().flatten(-2)  # [B, L, K, A²]
             centers = torch.linspace(self.rbf_min, self.rbf_max, self.num_rbf, device=coords.device)
             width = (self.rbf_max - self.rbf_min) / self.num_rbf
             # exp(-((d - c) / w)²), in place: the largest tensor of the step ([B, L, K, 400]) and nothing here
@@ -138,16 +148,99 @@ class BackboneFeatures(nn.Module):
             # 1.6e-38): PyTorch's vectorised CPU exp is 5× slower for arguments that underflow, and most of
             # these do (distant atom pairs).
             rbf = pair_distance[..., None] - centers
-            rbf = rbf.div_(width).square_().clamp_max_(87.0).neg_().exp_().flatten(-2)  # [B, L, K, 400]
+            rbf = rbf.div_(width).square_().clamp_max_(87.0).neg_().exp_().flatten(-2)  # [B, L, K, A² × R]
+            extra = self.extra_edge_features(coords, neighbor_index, attention_mask)
 
         offset = residue_index[:, :, None] - gather_neighbors(residue_index, neighbor_index)
         same_chain = chain_index[:, :, None] == gather_neighbors(chain_index, neighbor_index)
         m = self.max_relative_position
         relative = torch.where(same_chain, offset.clamp(-m, m) + m, torch.full_like(offset, 2 * m + 1))
         edges = self.rbf_projection(rbf.to(self.rbf_projection.weight.dtype)) + self.position_embedding(relative)
+        if extra is not None:
+            edges = edges + extra
         edges = self.edge_input(self.norm(edges))
         dtype = edges.dtype
         return edges, neighbor_index, node_mask.to(dtype), edge_mask.to(dtype)
+
+    @staticmethod
+    def atoms(coords):
+        """The atoms whose pairwise distances are featurised: N, CA, C, O and the virtual CB."""
+        n, ca, c, o = coords.unbind(dim=-2)
+        b, cc = ca - n, c - ca
+        cb = _CB_A * torch.cross(b, cc, dim=-1) + _CB_B * b + _CB_C * cc + ca
+        return torch.stack([n, ca, c, o, cb], dim=-2)
+
+    def extra_edge_features(self, coords, neighbor_index, attention_mask):
+        """Edge terms beyond distances and positions (none for full backbones)."""
+        return None
+
+
+class CATraceFeatures(BackboneFeatures):
+    """ProteinMPNN's CA-only features (``CA_ProteinFeatures``): a residue is its CA and the CAs before and
+    after it in the example (zero at the ends, as ProteinMPNN pads), and an edge carries the RBFs of the 9
+    distances between those three of a residue and of its neighbour, its relative position, and 7 numbers of
+    relative orientation (the neighbour's direction in the residue's local frame and the quaternion of the
+    rotation between the two frames). Frames come from consecutive CA-CA steps of 3.6-4.0 Å only, so a chain
+    break or a missing residue leaves a residue without a frame (zero), as in ProteinMPNN."""
+
+    backbone = "ca"
+
+    def __init__(self, config: ProtMaskConfig):
+        super().__init__(config)
+        self.orientation_projection = nn.Linear(7, config.hidden_dim, bias=False)
+
+    @staticmethod
+    def num_atom_pairs() -> int:
+        return 3 * 3
+
+    @staticmethod
+    def atoms(coords):
+        ca = coords[:, :, 1]
+        before, after = torch.zeros_like(ca), torch.zeros_like(ca)
+        before[:, 1:], after[:, :-1] = ca[:, :-1], ca[:, 1:]
+        return torch.stack([before, ca, after], dim=-2)
+
+    def extra_edge_features(self, coords, neighbor_index, attention_mask):
+        ca = coords[:, :, 1]
+        frames = local_frames(ca, attention_mask.sum(-1))  # [B, L, 3, 3], rows: the frame's axes
+        direction = gather_neighbors(ca, neighbor_index) - ca[:, :, None]
+        direction = F.normalize(torch.einsum("blij,blkj->blki", frames, direction), dim=-1)
+        rotation = frames[:, :, None].transpose(-1, -2) @ gather_neighbors(frames, neighbor_index)
+        features = torch.cat([direction, rotation_quaternion(rotation)], dim=-1)
+        return self.orientation_projection(features.to(self.orientation_projection.weight.dtype))
+
+
+def local_frames(ca: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """ProteinMPNN's coarse frame at each CA ``[B, L, 3]`` → ``[B, L, 3, 3]`` (zero where undefined): from the
+    unit steps u₋ = CA_i - CA_{i-1} and u₊ = CA_{i+1} - CA_i (kept only when 3.6-4.0 Å long, a real peptide
+    step), the axes normalize(u₋ - u₊), the normal of u₋ and u₊, and their cross product.
+
+    ProteinMPNN defines frames at positions 1 … L-3 of an example of L residues only (its last two residues get
+    none); ``lengths`` ``[B]`` keeps that per example, so a padded batch gives each example the frames it has
+    on its own."""
+    if ca.shape[1] < 4:  # no residue has a step on both sides
+        return ca.new_zeros(*ca.shape, 3)
+    step = ca[:, 1:] - ca[:, :-1]
+    length = step.norm(dim=-1)
+    unit = F.normalize(step * ((length > 3.6) & (length < 4.0))[..., None], dim=-1)
+    before, after = unit[:, :-2], unit[:, 1:-1]
+    normal = F.normalize(torch.cross(before, after, dim=-1), dim=-1)
+    axis = F.normalize(before - after, dim=-1)
+    frames = torch.stack([axis, normal, torch.cross(axis, normal, dim=-1)], dim=2)  # [B, L - 3, 3, 3]
+    frames = F.pad(frames, (0, 0, 0, 0, 1, 2))
+    defined = torch.arange(ca.shape[1], device=ca.device) < (lengths[:, None] - 2)
+    return frames * defined[..., None, None]
+
+
+def rotation_quaternion(rotation: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices ``[..., 3, 3]`` → unit quaternions ``[..., 4]`` (x, y, z, w), ProteinMPNN's formula
+    (a zero matrix gives the identity)."""
+    rxx, ryy, rzz = torch.diagonal(rotation, dim1=-2, dim2=-1).unbind(-1)
+    magnitudes = 0.5 * torch.sqrt(torch.abs(1 + torch.stack([rxx - ryy - rzz, -rxx + ryy - rzz, -rxx - ryy + rzz], -1)))
+    r = lambda i, j: rotation[..., i, j]  # noqa: E731
+    signs = torch.sign(torch.stack([r(2, 1) - r(1, 2), r(0, 2) - r(2, 0), r(1, 0) - r(0, 1)], -1))
+    w = torch.sqrt(F.relu(1 + rxx + ryy + rzz))[..., None] / 2.0
+    return F.normalize(torch.cat([signs * magnitudes, w], -1), dim=-1)
 
 
 class Dropout(nn.Dropout):
@@ -296,7 +389,7 @@ class ProtMaskModel(ProtMaskPreTrainedModel):
 
     def __init__(self, config: ProtMaskConfig):
         super().__init__(config)
-        self.features = BackboneFeatures(config)
+        self.features = (CATraceFeatures if config.backbone == "ca" else BackboneFeatures)(config)
         self.encoder_layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_encoder_layers))
         self.sequence_embedding = nn.Embedding(config.vocab_size, config.hidden_dim, padding_idx=config.pad_token_id)
         self.decoder_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_decoder_layers))
@@ -328,8 +421,9 @@ class ProtMaskModel(ProtMaskPreTrainedModel):
         node_states = edge_states.new_zeros(edge_states.shape[0], edge_states.shape[1], edge_states.shape[-1])
         for layer in self.encoder_layers:
             node_states, edge_states = layer(node_states, edge_states, neighbor_index, node_mask, edge_mask)
+        causal_edge_mask = node_mask[..., None] * gather_neighbors(attention_mask.to(node_mask.dtype), neighbor_index)
         return StructureEncoding(node_states=node_states, edge_states=edge_states, neighbor_index=neighbor_index,
-                                 node_mask=node_mask, edge_mask=edge_mask)
+                                 node_mask=node_mask, edge_mask=edge_mask, causal_edge_mask=causal_edge_mask)
 
     def decode(self, input_ids, structure: StructureEncoding, output_hidden_states: bool = False,
                decoding_rank: torch.Tensor | None = None):
@@ -345,7 +439,7 @@ class ProtMaskModel(ProtMaskPreTrainedModel):
                 decoding_rank = (input_ids == self.config.mask_token_id).long()
             neighbor_rank = gather_neighbors(decoding_rank, structure.neighbor_index)
             causal = {"decoded_before": neighbor_rank < decoding_rank[..., None], "encoder_states": hidden}
-            edge_mask = structure.node_mask[..., None].expand_as(edge_mask)  # every neighbour, as ProteinMPNN
+            edge_mask = structure.causal_edge_mask
         for layer in self.decoder_layers:
             hidden = layer(hidden, structure.edge_states, sequence_states, structure.neighbor_index,
                            structure.node_mask, edge_mask, **causal)
@@ -451,7 +545,7 @@ class CausalDecodingCache:
         visible = self.decoded[batch_index[:, None], neighbors]
         edges = structure.edge_states[batch_index, position][None]
         node_mask = structure.node_mask[batch_index, position][None]
-        edge_mask = node_mask[..., None].expand(1, *neighbors.shape)
+        edge_mask = structure.causal_edge_mask[batch_index, position][None]
         hidden = self.states[0][batch_index, position][None]
         inputs = []
         for layer, seen, unseen in zip(self.model.protmask.decoder_layers, self.seen, self.unseen):
