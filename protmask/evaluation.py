@@ -12,6 +12,7 @@ from .data.collator import RESIDUE_COLUMNS, Example, ProtMaskProcessor, to_examp
 from .design.decoding import decode
 from .design.scoring import CONTEXT, ranked_log_probs
 from .metrics import IGNORE_INDEX, MaskedLMStats
+from .residues import has_backbone
 from .structure import StructureError, parse_structure
 
 LENGTH_BUCKETS = (("<100", 0, 100), ("100-300", 100, 301), (">300", 301, 10**9))
@@ -40,9 +41,10 @@ class SplitExamples:
         return to_example(self.splits[part][int(index - self.offsets[part])])
 
 
-def examples_from(pdb_path, split: str | None = None, min_length: int = 20):
+def examples_from(pdb_path, split: str | None = None, min_length: int = 20, backbone: str = "full"):
     """(examples, failed files) from a built dataset (one split or all, read lazily), or from structure files
-    (parsed into memory: for large sets, build a dataset first)."""
+    (parsed into memory: for large sets, build a dataset first). ``backbone``: what the model reads of a
+    residue (its config.backbone); "ca" keeps CA traces."""
     from .data.build import (BuildOptions, DatasetBuildError, filter_chains, find_structure_files, is_built_dataset,
                              load_built)
 
@@ -57,7 +59,7 @@ def examples_from(pdb_path, split: str | None = None, min_length: int = 20):
                                 f"{pdb_path} is structure files")
     files, _ = find_structure_files(pdb_path)
     examples, failed = [], []
-    options = BuildOptions(min_length=min_length)
+    options = BuildOptions(min_length=min_length, backbone=backbone)
     for path in files:
         try:
             kept, _ = filter_chains(parse_structure(path), options)
@@ -81,7 +83,8 @@ def evaluate(model, processor: ProtMaskProcessor, examples, max_tokens: int = 40
     from .data.sampler import LengthBucketBatchSampler
 
     device = next(model.parameters()).device
-    processor = ProtMaskProcessor(processor.tokenizer, mask_ratio=model.config.mask_ratio, max_length=max_length)
+    processor = ProtMaskProcessor(processor.tokenizer, mask_ratio=model.config.mask_ratio, max_length=max_length,
+                                  backbone=model.config.backbone)
     full_lengths = examples.lengths if isinstance(examples, SplitExamples) else [len(e) for e in examples]
     lengths = [min(int(n), max_length or 10**9) for n in full_lengths]
     longest = max(lengths) if lengths else 0
@@ -104,7 +107,7 @@ def evaluate(model, processor: ProtMaskProcessor, examples, max_tokens: int = 40
         full = processor(chunk, seeds=[(seed, i) for i in batch_indices])
         full = {k: v.to(device) for k, v in full.items()}
         scorable = torch.isin(full["input_ids"], allowed)
-        designable = scorable & torch.isfinite(full["coords"]).all(-1).all(-1) & (full["attention_mask"] > 0)
+        designable = scorable & has_backbone(full["coords"], model.config.backbone) & (full["attention_mask"] > 0)
         unit_of = torch.full(designable.shape, -1, dtype=torch.long, device=device)
         unit_of[designable] = torch.arange(int(designable.sum()), device=device)
         tokens = decode(model, full, unit_of, designable, allowed, processor.tokenizer.mask_token_id,

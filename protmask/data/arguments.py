@@ -51,6 +51,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, seed_is_split_seed: bool
                             "mask, e.g. SLURM's --cpus-per-task, and any cgroup CPU quota)")
     group.add_argument("--min_length", type=positive_int, default=20,
                        help="drop chains with fewer residues that have a complete backbone (default: 20)")
+    group.add_argument("--backbone", choices=("full", "ca"), default="full",
+                       help="what a residue needs to count: full (N, CA, C and O) or ca (a CA: CA traces and coarse "
+                            "models kept, for CA-only models; a new model is made CA-only too) (default: full)")
     group.add_argument("--max_resolution", type=float, default=None,
                        help="drop entries whose stated resolution is worse (larger) than this, in Å; entries "
                             "with no stated resolution (NMR) are kept (default: no limit)")
@@ -112,4 +115,5 @@ def build_options(args):
         date_cutoff=args.date_cutoff,
         max_entry_length=args.max_entry_length,
         max_file_mb=args.max_file_mb,
+        backbone=args.backbone,
     )

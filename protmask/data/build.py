@@ -409,8 +409,11 @@ class DatasetBuild:
             raise DatasetBuildError(f"every one of the {len(files)} files under --pdb_path {self.pdb_path} failed to "
                                     f"parse; the first: {first['file']}: {first['error']}")
         if not self.names:
+            traces = any("--backbone ca" in chain["reason"] for chain in report["chains_filtered"])
+            hint = "; CA traces are kept for CA-only models with --backbone ca" if traces else ""
             raise DatasetBuildError(f"no chain of the {len(files)} files under --pdb_path {self.pdb_path} passed the "
-                                    f"filters (--min_length {self.options.min_length}); see the reasons in {REPORT_NAME}")
+                                    f"filters (--min_length {self.options.min_length}); see the reasons in "
+                                    f"{REPORT_NAME}{hint}")
 
     def publish(self, splits: dict, folder: Path) -> None:
         """Write the splits and the report, then rename into place: a killed build leaves only a .tmp folder,

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..metrics import IGNORE_INDEX
+from ..residues import has_backbone
 from ..models.tokenization_protmask import ProtMaskTokenizer
 from ..structure import ContextAtoms, ParsedEntry, ProteinChain
 
@@ -230,10 +231,12 @@ class ProtMaskProcessor:
         seed: int = 0,
         objective: str = "masked",
         shuffle_chains: bool = False,
+        backbone: str = "full",
     ):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         self.objective = objective
+        self.backbone = backbone  # residues without what the model reads (its config.backbone) are never scored
         self.shuffle_chains = shuffle_chains
         self.tokenizer = tokenizer or ProtMaskTokenizer()
         self.mask_ratio = mask_ratio
@@ -315,11 +318,11 @@ class ProtMaskProcessor:
             index_array[b, :length] = index
             chain_array[b, :length] = np.repeat(np.arange(len(example.chain_lengths)), example.chain_lengths)
             if ordered:
-                scorable = np.isfinite(example.coords).all(axis=(1, 2)) & np.isin(token_ids, self._scorable_ids)
+                scorable = has_backbone(example.coords, self.backbone) & np.isin(token_ids, self._scorable_ids)
                 labels[b, :length] = np.where(scorable, token_ids, IGNORE_INDEX)
                 decoding_rank[b, :length] = rng.permutation(length)
             elif mask:
-                scorable = np.isfinite(example.coords).all(axis=(1, 2)) & np.isin(token_ids, self._scorable_ids)
+                scorable = has_backbone(example.coords, self.backbone) & np.isin(token_ids, self._scorable_ids)
                 input_ids[b, :length], labels[b, :length] = mask_chains(
                     token_ids, scorable, example.chain_lengths, self.mask_range, rng,
                     self.tokenizer.mask_token_id, self._scorable_ids)

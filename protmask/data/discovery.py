@@ -147,7 +147,10 @@ def fingerprint(files: list[Path], options: BuildOptions) -> str:
     import Bio
 
     digest = hashlib.sha256()
-    digest.update(json.dumps({"format": BUILD_FORMAT_VERSION, "biopython": Bio.__version__, "options": asdict(options)},
+    chosen = asdict(options)
+    if chosen["backbone"] == "full":  # the default, left out so that builds made before the option stay valid
+        del chosen["backbone"]
+    digest.update(json.dumps({"format": BUILD_FORMAT_VERSION, "biopython": Bio.__version__, "options": chosen},
                              sort_keys=True).encode())
     if options.cluster_file:
         digest.update(Path(options.cluster_file).read_bytes())

@@ -41,6 +41,7 @@ class BuildOptions:
     date_cutoff: str | None = None  # entries deposited after it are left out (ProteinMPNN's DATCUT)
     max_entry_length: int | None = None  # entries with more kept residues are left out (its max_protein_length)
     max_file_mb: int = 512
+    backbone: str = "full"  # what a residue needs to count: "full" (N, CA, C, O) or "ca" (CA-only models)
 
     def validate(self) -> None:
         if self.min_length < 1:
@@ -71,6 +72,8 @@ class BuildOptions:
                 find_mmseqs()
             except ClusteringError as error:
                 raise DatasetBuildError(str(error)) from None
+        if self.backbone not in ("full", "ca"):
+            raise DatasetBuildError(f"--backbone must be full or ca, got {self.backbone!r}")
         if self.max_file_mb < 1:
             raise DatasetBuildError(f"--max_file_mb must be at least 1, got {self.max_file_mb}")
         if self.cluster_file is not None and not Path(self.cluster_file).is_file():

@@ -10,6 +10,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
+from ..residues import has_backbone
 from ..runtime import ignore_stop_signals
 from ..structure import StructureError, is_content_error, parse_entry
 from .options import BuildOptions
@@ -112,13 +113,16 @@ def entry_filter(entry, kept, options: BuildOptions) -> str | None:
 def filter_chains(chains, options: BuildOptions):
     """(kept, [(chain, reason)]): the chain filters of a build, shared with evaluation."""
     kept, dropped = [], []
+    needs = "a CA" if options.backbone == "ca" else "a complete backbone"
     for chain in chains:
-        complete = int(chain.backbone_complete.sum())
+        complete = int(has_backbone(chain.coords, options.backbone).sum())
         unknown = chain.sequence.count("X") / len(chain.sequence)
         if complete == 0:
-            reason = "no residue with a complete N, CA, C, O backbone (CA-only or partial model)"
+            reason = ("no residue with a CA" if options.backbone == "ca" else
+                      "no residue with a complete N, CA, C, O backbone (CA-only or partial model; --backbone ca keeps "
+                      "CA traces for CA-only models)")
         elif complete < options.min_length:
-            reason = f"fewer than {options.min_length} residues with a complete backbone ({complete})"
+            reason = f"fewer than {options.min_length} residues with {needs} ({complete})"
         elif unknown > options.max_unknown_fraction:
             reason = f"{unknown:.0%} of residues are unknown (X), over --max_unknown_fraction {options.max_unknown_fraction}"
         else:

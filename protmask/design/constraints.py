@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..data.collator import Example, to_example
-from ..residues import AMINO_ACIDS
+from ..residues import AMINO_ACIDS, has_backbone
 from ..structure import ProteinChain
 from .positions import DesignError, ResidueIndex
 from .pssm import MIN_QUERY_IDENTITY as MIN_ALIGNMENT_IDENTITY
@@ -50,6 +50,9 @@ class DesignOptions:
     pssm_threshold: float = 0.0
     pssm_bias_flag: bool = False
     pssm_log_odds_flag: bool = False
+    # what the model reads of a residue (its config.backbone): "full" designs residues with N, CA, C and O,
+    # "ca" (CA-only models) residues with a CA. The design and score commands set it from the model.
+    backbone: str = "full"
 
 
 @dataclass
@@ -70,6 +73,7 @@ class DesignPlan:
     notes: list[str] = field(default_factory=list)
     weight: np.ndarray | None = None  # [L] float32: each member's weight in its unit's distribution (None: 1)
     profile: Profile | None = None    # the PSSM mixed into designed residues' distributions
+    has_backbone: np.ndarray | None = None  # [L] bool: has every atom the model reads (DesignOptions.backbone)
 
     @property
     def name(self) -> str:
@@ -211,16 +215,20 @@ def plan_design(structure: Sequence[ProteinChain], options: DesignOptions) -> De
     example = to_example(chains)
     tokens = np.array(list(example.sequence))
     in_chosen = np.isin(index.chain_of, [index.chain_ids.index(c) for c in chosen])
-    has_backbone = np.isfinite(example.coords).all(axis=(1, 2))
+    usable = has_backbone(example.coords, options.backbone)
     fixed = np.zeros(len(index), dtype=bool)
     fixed[index.resolve_list(options.fix, "--fix")] = True
     hidden = in_chosen & ~fixed
     if options.fill is not None:
         hidden &= _apply_fill(options.fill, tokens, in_chosen, chosen)
     notes = []
-    if not (hidden & has_backbone).any():
+    if not (hidden & usable).any():
+        needs = "a CA" if options.backbone == "ca" else "a complete backbone (N, CA, C, O)"
+        hint = ("; the structure has CA atoms only: design it with a CA-only model (protmask convert-proteinmpnn "
+                "--checkpoint ca/v_48_020)" if options.backbone == "full" and (hidden & has_backbone(example.coords, "ca")).any()
+                else "")
         raise DesignError("nothing to design: every position of the designed chains is fixed, given by --fill "
-                          "or lacks a complete backbone (N, CA, C, O)")
+                          f"or lacks {needs}{hint}")
 
     global_bias = np.zeros(len(AMINO_ACIDS), dtype=np.float32)
     for letter, value in parse_bias_aa(options.bias_aa).items():
@@ -253,7 +261,7 @@ def plan_design(structure: Sequence[ProteinChain], options: DesignOptions) -> De
         found, said = homo_oligomer_groups(index, chosen)
         groups += found
         notes += said or ["homo-oligomer: no two designed chains have the same sequence; nothing tied"]
-    designed = hidden & has_backbone
+    designed = hidden & usable
     tied_groups = []
     for members in merge_groups(groups):
         members = np.array(members)
@@ -269,14 +277,14 @@ def plan_design(structure: Sequence[ProteinChain], options: DesignOptions) -> De
             notes.append(f"tie group {index.format(members)}: takes the fixed residue {letter} of "
                          f"{index.format(given)}")
             continue
-        if not has_backbone[members].any():
+        if not usable[members].any():
             notes.append(f"tie group {index.format(members)}: no member has a backbone; kept native")
             continue
         designed[members] = True  # members without a backbone follow their group
         omitted[members] = omitted[members].any(0)  # a letter omitted at one member is omitted for all
         bias[members] = bias[members].sum(0)  # a residue's own bias applies to the group that decides it
         tied_groups.append(members.tolist())
-    scoring = designed & has_backbone
+    scoring = designed & usable
 
     unit_of = np.full(len(index), -1, dtype=np.int64)
     for number, members in enumerate(tied_groups):
@@ -288,7 +296,7 @@ def plan_design(structure: Sequence[ProteinChain], options: DesignOptions) -> De
     bias[omitted] = -np.inf
     profile = _profile(options, index, chosen, notes)
     return DesignPlan(chains, index, example, chosen, tokens, designed, scoring, unit_of, fixed, bias, tied_groups,
-                      notes, weight, profile)
+                      notes, weight, profile, usable)
 
 
 def _profile(options: DesignOptions, index: ResidueIndex, chosen: Sequence[str], notes: list[str]):

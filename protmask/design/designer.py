@@ -67,7 +67,7 @@ def load_model(path, device=None, say=None):
     if device is not None:
         model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    processor = ProtMaskProcessor(tokenizer, mask_ratio=model.config.mask_ratio)
+    processor = ProtMaskProcessor(tokenizer, mask_ratio=model.config.mask_ratio, backbone=model.config.backbone)
     return model, processor
 
 
@@ -107,7 +107,8 @@ def design_sequences(model, processor, pdb, chains=None, fix=None, fill=None, nu
     ``decoding`` is ``mask_predict`` (``rounds`` rounds) or ``autoregressive``. Deterministic for a seed.
     """
     structure = parse_structure(pdb) if isinstance(pdb, (str, Path)) else list(pdb)
-    plan = plan_design(structure, DesignOptions(chains=chains, fix=fix, fill=fill, **controls))
+    plan = plan_design(structure, DesignOptions(chains=chains, fix=fix, fill=fill, backbone=model.config.backbone,
+                                                **controls))
     return design_plan(model, processor, plan, num_samples, temperature, seed, rounds, decoding)
 
 
@@ -165,8 +166,7 @@ def _global_score_terms(model, batch, encoding, plan: DesignPlan, letters, allow
                         seed: int) -> np.ndarray:
     """Negative log-likelihoods of the residues that were not designed, decoded before the designed ones in
     `GLOBAL_SCORE_BLOCKS` seeded blocks (the designed residues stay hidden, as they were when drawn)."""
-    has_backbone = np.isfinite(plan.example.coords).all(axis=(1, 2))
-    scored = has_backbone & ~plan.designed & np.isin(letters, list(AMINO_ACIDS))
+    scored = plan.has_backbone & ~plan.designed & np.isin(letters, list(AMINO_ACIDS))
     if not scored.any():
         return np.zeros(0)
     rank = np.full(len(letters), CONTEXT)

@@ -87,12 +87,14 @@ def _chain_from_entry(entry: dict, chain_id: str, where: str) -> ProteinChain:
     sequence = entry[f"seq_chain_{chain_id}"].replace("-", "X")
     coords = entry.get(f"coords_chain_{chain_id}", {})
     atoms = [coords.get(f"{atom}_chain_{chain_id}") for atom in ("N", "CA", "C", "O")]
-    if atoms[1] is not None and any(a is None for a in atoms):
-        raise DesignError(f"{where}: chain {chain_id} has CA coordinates only (parse_multiple_chains.py "
-                          "--ca_only); this model needs N, CA, C and O")
-    if any(a is None for a in atoms):
-        raise DesignError(f"{where}: chain {chain_id} has no coords_chain_{chain_id} with N, CA, C and O")
-    xyz = np.stack([np.asarray(a, dtype=np.float32).reshape(-1, 3) for a in atoms], axis=1)
+    others = [atoms[0], *atoms[2:]]
+    if atoms[1] is None or None in others and any(a is not None for a in others):
+        raise DesignError(f"{where}: chain {chain_id} has no coords_chain_{chain_id} with N, CA, C and O (or CA "
+                          "alone, parse_multiple_chains.py --ca_only)")
+    # CA alone (--ca_only): the other atoms are missing, so only a CA-only model designs the chain
+    ca = np.asarray(atoms[1], dtype=np.float32).reshape(-1, 3)
+    xyz = np.stack([np.asarray(a, dtype=np.float32).reshape(-1, 3) if a is not None else np.full_like(ca, np.nan)
+                    for a in atoms], axis=1)
     if len(xyz) != len(sequence):
         raise DesignError(f"{where}: chain {chain_id} has {len(sequence)} residues but {len(xyz)} coordinates")
     return ProteinChain(chain_id, sequence, xyz, np.arange(1, len(sequence) + 1), " " * len(sequence),

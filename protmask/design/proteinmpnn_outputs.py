@@ -34,7 +34,7 @@ def letter_log_probs(model, processor, plan: DesignPlan, letters, designed_rank,
     batch = {k: v.to(device) for k, v in processor([plan.example]).items()}
     length = len(plan.index)
     batch["input_ids"][0, :length] = torch.from_numpy(processor.encode_sequence("".join(letters)))
-    has_backbone = np.isfinite(plan.example.coords).all(axis=(1, 2))
+    has_backbone = plan.has_backbone
     given = has_backbone & ~plan.designed
     rng = np.random.default_rng(seed)
     first = rng.permutation(int(given.sum())) if is_causal(model) else rng.integers(0, GLOBAL_SCORE_BLOCKS, int(given.sum()))

@@ -168,10 +168,10 @@ def make_loaders(accelerator, args, dataset, tokenizer):
                   max_examples=args.batch_size if args.max_tokens_per_batch is None else None)
     processor = ProtMaskProcessor(tokenizer, mask_ratio=args.mask_ratio, mask_ratio_max=args.mask_ratio_max,
                                   max_length=args.max_length, objective=args.objective,
-                                  shuffle_chains=args.shuffle_chains)
+                                  shuffle_chains=args.shuffle_chains, backbone=args.backbone)
     # Validation masks at the fixed ratio, whatever range training draws from, so numbers stay comparable.
     validation_processor = ProtMaskProcessor(tokenizer, mask_ratio=args.mask_ratio, max_length=args.max_length,
-                                             objective=args.objective)
+                                             objective=args.objective, backbone=args.backbone)
     # --sampling cluster: one draw per cluster and epoch, still token-budgeted and length-grouped.
     clusters = (sampling_clusters(sampling_keys(dataset["train"])) if sampling_mode(args, dataset["train"]) == "cluster"
                 else None)
@@ -228,9 +228,12 @@ def build_model(args):
                for flag, default in MODEL_DEFAULTS.items()}, mask_ratio=args.mask_ratio,
             mask_ratio_max=args.mask_ratio_max, pad_token_id=tokenizer.pad_token_id,
             mask_token_id=tokenizer.mask_token_id, decoder_context=args.decoder_context,
-            message_bias_per_neighbor=args.message_bias_per_neighbor,
+            message_bias_per_neighbor=args.message_bias_per_neighbor, backbone=args.backbone,
         )
         model = ProtMaskForMaskedLM(config)
+    if model.config.backbone != args.backbone:
+        raise TrainingError(f"--model_name_or_path {args.model_name_or_path} reads {model.config.backbone!r} "
+                            f"backbones; train it on such data with --backbone {model.config.backbone}")
     if args.objective == "autoregressive" and model.config.decoder_context != "causal":
         raise TrainingError("--objective autoregressive needs a causal decoder: add --decoder_context causal (or "
                             "start from a causal model such as converted ProteinMPNN weights)")
