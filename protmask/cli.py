@@ -139,7 +139,7 @@ def design_options(args):
         bias_aa=args.bias_aa,
         bias=read_json_option(args.bias_file, "--bias_file") if args.bias_file else None,
         omit=read_json_option(args.omit_file, "--omit_file") if args.omit_file else None,
-        **pssm_options(args))
+        backbone=model_backbone(args.model), **pssm_options(args))
 
 
 def pssm_options(args) -> dict:
@@ -372,26 +372,29 @@ def report_failures(command: str, failed, succeeded: int) -> int:
     return 0 if not failed else (1 if succeeded else 2)
 
 
-def score_command(argv) -> int:
-    from .design import DesignError, DesignOptions, mutation_scan, plan_design
-    from .design.scoring import score_sequences, summary_line, write_scan_csv, write_score_tsv
-    from .structure import StructureError, parse_structure
-
+def score_parser():
     parser = argparse.ArgumentParser(
         prog="protmask score",
         description="Score sequences on a backbone. By default (ProteinMPNN's --score_only): the log-likelihood of "
                     "the native sequence, or of each sequence in --sequences, per residue and in total, each residue "
                     "predicted from the structure and the residues before it in a random order, averaged over "
                     "--num_orders seeded orders; a TSV with a '# NAME: mean_log_likelihood=...' summary line per "
-                    "sequence. --mutation_scan: every single mutant of the chosen chains as log p(mutant) - "
-                    "log p(native) with that position hidden and the rest of the native sequence visible (masked "
-                    "marginal), one CSV row per position with the 20 values, and a heat map PNG beside it when "
-                    "matplotlib is installed.")
+                    "sequence and structure. --mutation_scan: every single mutant of the chosen chains as log "
+                    "p(mutant) - log p(native) with that position hidden and the rest of the native sequence "
+                    "visible (masked marginal), one CSV row per position with the 20 values, and a heat map PNG "
+                    "beside it when matplotlib is installed.")
     parser.add_argument("--model", required=True, help="a save_pretrained folder or hub id")
-    parser.add_argument("--pdb", required=True, help="the structure file")
+    parser.add_argument("--pdb", nargs="+", default=None,
+                        help="structure files, folders of them or list files (one table for all)")
     parser.add_argument("--sequences", default=None,
                         help="FASTA of sequences to score for the chosen chains (chains separated by /, as design "
                              "writes them); default: the native sequence")
+    parser.add_argument("--states", nargs="+", default=None, metavar="FILE",
+                        help="score each sequence of --sequences on every one of these structures (the states of a "
+                             "multi-state design): a row block and summary line per state, and a '# NAME: states' "
+                             "line with the --state_weights-weighted sum of the states' mean log-likelihoods")
+    parser.add_argument("--state_weights", type=float, nargs="+", default=None,
+                        help="one weight per --states file (default 1 each), as protmask design --states takes them")
     parser.add_argument("--num_orders", type=int, default=1, help="decoding orders to average over")
     parser.add_argument("--seed", type=int, default=0, help="seed of the decoding orders")
     parser.add_argument("--mutation_scan", action="store_true", help="score every single mutant (see above)")
@@ -409,8 +412,25 @@ def score_command(argv) -> int:
     parser.add_argument("--homo_oligomer", action="store_true",
                         help="tie chains with the same sequence: a row scores the mutation applied to every copy")
     parser.add_argument("--tie", default=None, help="tie groups as in protmask design: each scores as one mutation")
+    group = parser.add_argument_group(
+        "ProteinMPNN's input files", "as protmask design takes them; the designed chains are the scored ones and "
+        "fixed positions are given, not scored (ProteinMPNN's --score_only)")
+    group.add_argument("--jsonl_path", default=None,
+                       help="structures as parse_multiple_chains.py writes them (instead of --pdb)")
+    group.add_argument("--chain_id_jsonl", default=None, help="{NAME: [[scored chains], [given chains]]}")
+    group.add_argument("--fixed_positions_jsonl", default=None, help="{NAME: {CHAIN: [positions given, not scored]}}")
     parser.add_argument("--output", required=True, help="TSV (scores) or CSV (--mutation_scan) to write")
     parser.add_argument("--device", default=None)
+    return parser
+
+
+def score_command(argv) -> int:
+    from .design import DesignError, DesignOptions, plan_design
+    from .design.designer import structure_stem
+    from .design.scoring import score_sequences, summary_line, write_score_tsv
+    from .structure import StructureError, parse_structure
+
+    parser = score_parser()
     args = parser.parse_args(argv)
     if args.num_orders < 1:
         parser.error("--num_orders must be positive")
@@ -418,58 +438,125 @@ def score_command(argv) -> int:
         parser.error("--mutation_scan, --conditional and --unconditional are different tables: give one")
     if args.out_folder and not (args.conditional or args.unconditional):
         parser.error("--out_folder writes ProteinMPNN's probability files: add --conditional or --unconditional")
+    if args.states:
+        if args.pdb or args.jsonl_path or args.mutation_scan or args.conditional or args.unconditional:
+            parser.error("--states scores sequences on its own structures: leave out --pdb, --jsonl_path and the "
+                         "--mutation_scan / --conditional / --unconditional tables")
+        if args.state_weights and len(args.state_weights) != len(args.states):
+            parser.error(f"--state_weights: {len(args.state_weights)} weights for {len(args.states)} --states files")
+        args.pdb = args.states
+    elif args.state_weights:
+        parser.error("--state_weights goes with --states")
+    inputs = design_inputs(args, "score")
+    if inputs is None:
+        return 2
+    structures, controls = inputs
+    base = DesignOptions(chains=args.chains.split(",") if args.chains else None, tie=args.tie,
+                         homo_oligomer=args.homo_oligomer, backbone=model_backbone(args.model))
+    items = []  # (name, chains, options), checked before the model is loaded
     try:
-        structure = parse_structure(args.pdb)
         sequences = read_fasta_records(args.sequences) if args.sequences else None
-        options = DesignOptions(chains=args.chains.split(",") if args.chains else None, tie=args.tie,
-                                homo_oligomer=args.homo_oligomer)
-        plan_design(structure, options)  # the options are checked before the model is loaded
+        for name, source in structures:
+            chains = parse_structure(source) if name is None else source
+            name = structure_stem(str(source)) if name is None else name
+            options = controls.options_for(name, chains, base) if controls else base
+            plan_design(chains, options)
+            items.append((name, chains, options))
     except (DesignError, StructureError) as error:
         print(f"protmask score: error: {error}", file=sys.stderr)
         return 2
+    if args.mutation_scan and len(items) > 1:
+        parser.error(f"--mutation_scan writes one structure's table; {len(items)} structures given")
     loaded = load_model_for("score", args)
     if loaded is None:
         return 2
     model, processor = loaded
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     if args.conditional or args.unconditional:
-        return write_probability_tables(model, processor, structure, options, args)
-    if not args.mutation_scan:
-        try:
-            scores = score_sequences(model, processor, structure, sequences, options.chains, args.num_orders,
-                                     args.seed)
-        except DesignError as error:
-            print(f"protmask score: error: {error}", file=sys.stderr)
-            return 2
-        write_score_tsv(scores, args.output)
-        print("\n".join(summary_line(score) for score in scores))
-        print(f"wrote {args.output}")
-        return 0
-    scan = mutation_scan(model, processor, structure, options)
-    write_scan_csv(scan, args.output)
-    print(f"wrote {args.output}: {len(scan.labels)} positions x 20 amino acids")
+        return write_probability_tables(model, processor, items, args)
+    if args.mutation_scan:
+        return write_mutation_scan(model, processor, *items[0][1:], args.output)
+    scores = []
+    try:
+        for name, chains, options in items:
+            found = score_sequences(model, processor, chains, sequences, num_orders=args.num_orders, seed=args.seed,
+                                    options=options)
+            if len(items) > 1:  # one table for several structures: say which each row is on
+                for score in found:
+                    score.name = f"{score.name}@{name}" if sequences else score.name
+            scores += found
+    except DesignError as error:
+        print(f"protmask score: error: {error}", file=sys.stderr)
+        return 2
+    lines = [summary_line(score) for score in scores]
+    if args.states:
+        lines += state_summary_lines(scores, [name for name, _, _ in items], args.state_weights, sequences)
+    write_score_tsv(scores, args.output, extra=lines[len(scores):])
+    print("\n".join(lines))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def model_backbone(model) -> str:
+    """What ``model`` reads of a residue (its config's ``backbone``), read before any structure is planned so
+    that CA traces are checked against a CA-only model; "full" when the configuration cannot be read here
+    (loading the model then says why)."""
+    try:
+        from transformers import AutoConfig
+
+        from .design.designer import resolve_model_folder
+
+        return getattr(AutoConfig.from_pretrained(resolve_model_folder(model)[0]), "backbone", "full")
+    except Exception:  # noqa: BLE001: any failure is reported by the model loading that follows
+        return "full"
+
+
+def state_summary_lines(scores, names, weights, sequences) -> list[str]:
+    """Per sequence: its mean log-likelihood on each state and their weighted sum (design --states' rule)."""
+    weights = weights or [1.0] * len(names)
+    per_state = len(scores) // len(names)
+    lines = []
+    for number in range(per_state):
+        row = [scores[state * per_state + number] for state in range(len(names))]
+        label = sequences[number][0] if sequences else "native"
+        total = sum(w * score.mean for w, score in zip(weights, row))
+        lines.append(f"# {label}: states " + " ".join(f"{n}={s.mean:.5f}" for n, s in zip(names, row)) +
+                     f" weights={','.join(f'{w:g}' for w in weights)} weighted_mean_log_likelihood={total:.5f}")
+    return lines
+
+
+def write_mutation_scan(model, processor, chains, options, output) -> int:
+    from .design import mutation_scan
+    from .design.scoring import write_scan_csv
+
+    scan = mutation_scan(model, processor, chains, options)
+    write_scan_csv(scan, output)
+    print(f"wrote {output}: {len(scan.labels)} positions x 20 amino acids")
     try:
         from .plotting import plot_mutation_scan
 
-        print(f"wrote {plot_mutation_scan(scan, Path(args.output).with_suffix('.png'))}")
+        print(f"wrote {plot_mutation_scan(scan, Path(output).with_suffix('.png'))}")
     except ImportError:
         print("no heat map: install matplotlib (pip install 'protmask[plot]')")
     return 0
 
 
-def write_probability_tables(model, processor, structure, options, args) -> int:
-    from .design.designer import structure_stem
+def write_probability_tables(model, processor, items, args) -> int:
+    """--conditional / --unconditional: one TSV over the structures, and with --out_folder one .npz each."""
     from .design.scoring import letter_probabilities, write_letter_probabilities, write_letter_probabilities_npz
 
-    plan, log_probs = letter_probabilities(model, processor, structure, options.chains, conditional=args.conditional)
-    write_letter_probabilities(plan, log_probs, args.output)
-    print(f"wrote {args.output}: {int(plan.scoring.sum())} residues x 21 letters")
-    if args.out_folder:
-        kind = "conditional_probs_only" if args.conditional else "unconditional_probs_only"
-        path = Path(args.out_folder) / kind / f"{structure_stem(args.pdb)}.npz"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_letter_probabilities_npz(plan, log_probs, path)
-        print(f"wrote {path}")
+    tables = []
+    for name, chains, options in items:
+        plan, log_probs = letter_probabilities(model, processor, chains, conditional=args.conditional, options=options)
+        tables.append((name, plan, log_probs))
+        if args.out_folder:
+            kind = "conditional_probs_only" if args.conditional else "unconditional_probs_only"
+            path = Path(args.out_folder) / kind / f"{name}.npz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_letter_probabilities_npz(plan, log_probs, path)
+            print(f"wrote {path}")
+    write_letter_probabilities(tables, args.output)
+    print(f"wrote {args.output}: {sum(int(plan.scoring.sum()) for _, plan, _ in tables)} residues x 21 letters")
     return 0
 
 
@@ -506,7 +593,7 @@ def evaluate_command(argv) -> int:
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     try:
-        examples, failed = examples_from(args.pdb_path, args.split, args.min_length)
+        examples, failed = examples_from(args.pdb_path, args.split, args.min_length, model_backbone(args.model))
     except DatasetBuildError as error:
         print(f"protmask evaluate: error: {error}", file=sys.stderr)
         return 2
@@ -558,10 +645,12 @@ def convert_command(argv) -> int:
         prog="protmask convert-proteinmpnn",
         description="Convert published ProteinMPNN weights (or a checkpoint of ProteinMPNN's training/training.py) "
                     "into a protmask model folder that AutoModelForMaskedLM loads and that computes the same "
-                    "log-probabilities. CA-only weights are refused.")
+                    "log-probabilities. CA-only weights (ca/v_48_0XX) give a CA-only model that designs from "
+                    "CA traces.")
     parser.add_argument("--checkpoint", required=True,
                         help="a .pt file, or a published name from the installed proteinmpnn package: "
-                             "vanilla/v_48_002, vanilla/v_48_010, vanilla/v_48_020, vanilla/v_48_030, soluble/v_48_0XX")
+                             "vanilla/v_48_002, vanilla/v_48_010, vanilla/v_48_020, vanilla/v_48_030, "
+                             "soluble/v_48_0XX, ca/v_48_002, ca/v_48_010, ca/v_48_020")
     parser.add_argument("--output", required=True, help="the folder to write (config.json, model.safetensors, "
                                                          "tokenizer, README.md model card)")
     args = parser.parse_args(argv)
@@ -573,7 +662,8 @@ def convert_command(argv) -> int:
     except OSError as error:
         print(f"protmask convert-proteinmpnn: error: cannot write --output {args.output}: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output}: hidden {model.config.hidden_dim}, {model.config.num_neighbors} neighbours, "
+    backbone = "CA-only, " if model.config.backbone == "ca" else ""
+    print(f"wrote {args.output}: {backbone}hidden {model.config.hidden_dim}, {model.config.num_neighbors} neighbours, "
           f"backbone noise {model.config.backbone_noise} Å")
     return 0
 

@@ -99,3 +99,35 @@ def test_states_command_dry_run_tie_items_and_fasta(two_states, tmp_path):
     assert bad.returncode == 2 and "STATE:RESIDUE" in bad.stderr
     untied = run("--model", root / "model", "--states", *paths, "--dry_run")
     assert untied.returncode == 2 and "--tie_by_number" in untied.stderr
+
+
+def test_score_states_reports_each_state_and_the_weighted_sum(two_states, tmp_path):
+    """protmask score --states: a designed sequence scored on both backbones, and the design rule's weighted sum."""
+    paths, model, root = two_states
+    run = lambda *a: subprocess.run([sys.executable, "-m", "protmask.cli", *map(str, a)],  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    native = next(c for c in parse_structure(paths[0]) if c.chain_id == "A").sequence
+    mutant = "W" * 5 + native[5:]
+    (tmp_path / "seqs.fasta").write_text(f">native\n{native}\n>mutant\n{mutant}\n")
+    done = run("score", "--model", root / "model", "--states", *paths, "--state_weights", "1", "-0.5",
+               "--sequences", tmp_path / "seqs.fasta", "--output", tmp_path / "states.tsv")
+    assert done.returncode == 0, done.stderr
+    means = {}
+    for path in paths:  # each state alone, as a one-structure score run
+        alone = run("score", "--model", root / "model", "--pdb", path, "--sequences", tmp_path / "seqs.fasta",
+                    "--output", tmp_path / f"{path.stem}.tsv")
+        assert alone.returncode == 0, alone.stderr
+        for line in alone.stdout.splitlines():
+            if line.startswith("# "):
+                means[(line[2:].split(":")[0], path.stem)] = float(line.split("mean_log_likelihood=")[1].split()[0])
+    table = (tmp_path / "states.tsv").read_text()
+    for label in ("native", "mutant"):
+        line = next(x for x in table.splitlines() if x.startswith(f"# {label}: states "))
+        a, b = means[(label, "state_A")], means[(label, "state_B")]
+        assert f"state_A={a:.5f}" in line and f"state_B={b:.5f}" in line and "weights=1,-0.5" in line
+        assert float(line.split("weighted_mean_log_likelihood=")[1]) == pytest.approx(a - 0.5 * b, abs=2e-5)
+    assert means[("native", "state_A")] != means[("native", "state_B")]  # two backbones, two scores
+    assert "mutant@state_B" in table  # rows say which state they are on
+    bad = run("score", "--model", root / "model", "--states", *paths, "--state_weights", "1",
+              "--output", tmp_path / "x.tsv")
+    assert bad.returncode == 2 and "--state_weights: 1 weights for 2 --states files" in bad.stderr

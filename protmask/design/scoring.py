@@ -3,7 +3,7 @@ masked-marginal mutation scans."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ def mutation_scan(model, processor, structure, options: DesignOptions | None = N
     ``options`` picks chains (``chains``) and ties (``tie``, ``homo_oligomer``): a tied row hides every copy
     and sums the copies' differences, i.e. scores the mutation applied to all of them.
     """
-    plan = plan_design(structure, options or DesignOptions())
+    plan = plan_design(structure, replace(options or DesignOptions(), backbone=model.config.backbone))
     device = next(model.parameters()).device
     allowed = torch.tensor(processor.tokenizer.amino_acid_ids, device=device)
     batch = {k: v.to(device) for k, v in processor([plan.example]).items()}
@@ -118,17 +118,19 @@ class SequenceScore:
 
 @torch.no_grad()
 def score_sequences(model, processor, structure, sequences=None, chains=None, num_orders: int = 1, seed: int = 0,
-                    chunk: int = 16) -> list[SequenceScore]:
+                    chunk: int = 16, options: DesignOptions | None = None) -> list[SequenceScore]:
     """ProteinMPNN's ``--score_only``: each residue of the chosen chains predicted from the structure and the
     residues before it in a random order (other chains are given first), averaged over ``num_orders``
-    seeded orders. ``sequences``: ``[(name, "SEQ/SEQ")]`` for the chosen chains (default: the native one)."""
-    plan = plan_design(structure, DesignOptions(chains=chains))
+    seeded orders. ``sequences``: ``[(name, "SEQ/SEQ")]`` for the chosen chains (default: the native one).
+    ``options`` (instead of ``chains``): the chains and fixed positions, e.g. from ProteinMPNN's JSONL files;
+    fixed residues are given, not scored, as in ProteinMPNN (its loss mask leaves them out)."""
+    options = replace(options or DesignOptions(chains=chains), backbone=model.config.backbone)
+    plan = plan_design(structure, options)
     device = next(model.parameters()).device
     allowed = torch.tensor(processor.tokenizer.amino_acid_ids, device=device)
     batch = {k: v.to(device) for k, v in processor([plan.example]).items()}
     structure_encoding = encode(model, batch)
     chosen = np.concatenate([plan.index.chain_positions(c) for c in plan.chosen])
-    has_backbone = np.isfinite(plan.example.coords).all(axis=(1, 2))
     results = []
     for number, (name, text) in enumerate(sequences or [(f"{plan.name}_native", plan.sequence_of(plan.tokens))]):
         letters = plan.tokens.copy()
@@ -140,7 +142,7 @@ def score_sequences(model, processor, structure, sequences=None, chains=None, nu
         tokens[0, : len(letters)] = torch.from_numpy(processor.encode_sequence("".join(letters)))
         scored = np.zeros(len(letters), dtype=bool)
         scored[chosen] = True
-        scored &= has_backbone & np.isin(letters, list(AMINO_ACIDS))
+        scored &= plan.has_backbone & ~plan.fixed & np.isin(letters, list(AMINO_ACIDS))
         context = ~scored
         totals = np.zeros(int(scored.sum()))
         for order in range(num_orders):
@@ -160,15 +162,18 @@ def score_sequences(model, processor, structure, sequences=None, chains=None, nu
 
 
 @torch.no_grad()
-def letter_probabilities(model, processor, structure, chains=None, conditional: bool = True, chunk: int = 16):
+def letter_probabilities(model, processor, structure, chains=None, conditional: bool = True, chunk: int = 16,
+                         options: DesignOptions | None = None):
     """ProteinMPNN's ``--conditional_probs_only`` (``conditional``: log p(s_i | every other residue and the
     structure), each residue hidden alone, i.e. decoded last) or ``--unconditional_probs_only`` (log p(s_i |
     structure), no residue visible), over its 21 letters ``ACDEFGHIKLMNPQRSTVWYX``.
 
     Returns (plan, ``[L, 21]`` log-probabilities, NaN outside the chosen chains' residues with a backbone).
     On a causal model a hidden residue sees every visible one, which equals ProteinMPNN's definition exactly
-    for one decoder layer (deeper, ProteinMPNN's other residues also see each other in a random order)."""
-    plan = plan_design(structure, DesignOptions(chains=chains))
+    for one decoder layer (deeper, ProteinMPNN's other residues also see each other in a random order).
+    ``options`` (instead of ``chains``): the chains and fixed positions (fixed residues are given, not
+    computed: ProteinMPNN's design_mask)."""
+    plan = plan_design(structure, replace(options or DesignOptions(chains=chains), backbone=model.config.backbone))
     device = next(model.parameters()).device
     tokenizer = processor.tokenizer
     letters21 = torch.tensor(tokenizer.convert_tokens_to_ids(list(PROTEINMPNN_ALPHABET)), device=device)
@@ -186,12 +191,14 @@ def letter_probabilities(model, processor, structure, chains=None, conditional: 
     return plan, result
 
 
-def write_letter_probabilities(plan, log_probs: np.ndarray, path) -> None:
-    """One TSV row per residue with probabilities: residue, native, log p of each of the 21 letters."""
-    lines = ["residue\tnative\t" + "\t".join(f"log_p_{a}" for a in PROTEINMPNN_ALPHABET)]
-    for position in np.flatnonzero(np.isfinite(log_probs).all(1)):
-        lines.append(f"{plan.index.labels[position]}\t{plan.example.sequence[position]}\t" +
-                     "\t".join(f"{v:.5f}" for v in log_probs[position]))
+def write_letter_probabilities(tables, path) -> None:
+    """One TSV row per residue with probabilities: structure, residue, native, log p of each of the 21
+    letters. ``tables``: [(structure name, plan, log-probabilities)] as `letter_probabilities` gives them."""
+    lines = ["structure\tresidue\tnative\t" + "\t".join(f"log_p_{a}" for a in PROTEINMPNN_ALPHABET)]
+    for name, plan, log_probs in tables:
+        for position in np.flatnonzero(np.isfinite(log_probs).all(1)):
+            lines.append(f"{name}\t{plan.index.labels[position]}\t{plan.example.sequence[position]}\t" +
+                         "\t".join(f"{v:.5f}" for v in log_probs[position]))
     with open(path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
 
@@ -200,18 +207,18 @@ def write_letter_probabilities_npz(plan, log_probs: np.ndarray, path) -> None:
     """ProteinMPNN's conditional_probs_only/NAME.npz (or unconditional_probs_only): ``log_p`` [1, L, 21] (0
     where not computed), ``S`` the native as letter indices, ``mask`` residues with a backbone,
     ``design_mask`` the residues computed."""
-    has_backbone = np.isfinite(plan.example.coords).all(axis=(1, 2))
     letters = [PROTEINMPNN_ALPHABET.find(c) if c in AMINO_ACIDS else 20 for c in plan.example.sequence]
     np.savez(path, log_p=np.nan_to_num(log_probs, nan=0.0)[None], S=np.array(letters, np.int32),
-             mask=has_backbone.astype(np.float32), design_mask=plan.scoring.astype(np.float32))
+             mask=plan.has_backbone.astype(np.float32), design_mask=plan.scoring.astype(np.float32))
 
 
-def write_score_tsv(scores: list[SequenceScore], path) -> None:
+def write_score_tsv(scores: list[SequenceScore], path, extra=()) -> None:
+    """Rows of (sequence, residue, letter, log-likelihood), then the summary lines and any ``extra`` ones."""
     lines = ["sequence\tresidue\tletter\tlog_likelihood"]
     for score in scores:
         lines += [f"{score.name}\t{label}\t{letter}\t{value:.5f}"
                   for label, letter, value in zip(score.labels, score.letters, score.log_likelihood)]
-    lines += [summary_line(score) for score in scores]
+    lines += [summary_line(score) for score in scores] + list(extra)
     with open(path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
 
