@@ -419,6 +419,9 @@ def score_parser():
                        help="structures as parse_multiple_chains.py writes them (instead of --pdb)")
     group.add_argument("--chain_id_jsonl", default=None, help="{NAME: [[scored chains], [given chains]]}")
     group.add_argument("--fixed_positions_jsonl", default=None, help="{NAME: {CHAIN: [positions given, not scored]}}")
+    group.add_argument("--tied_positions_jsonl", default=None,
+                       help="{NAME: [{CHAIN: [positions]}, …]}: tie groups as --tie (in --mutation_scan each scores "
+                            "as one mutation)")
     parser.add_argument("--output", required=True, help="TSV (scores) or CSV (--mutation_scan) to write")
     parser.add_argument("--device", default=None)
     return parser

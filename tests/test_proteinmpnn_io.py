@@ -174,6 +174,22 @@ def test_score_takes_the_jsonl_files_and_gives_fixed_positions_without_scoring_t
         assert f"# {name}_native: mean_log_likelihood=" in done.stdout
 
 
+def test_score_mutation_scan_takes_the_tied_positions_file_as_ties(pipeline, tmp_path):
+    parsed = pipeline / "parsed.jsonl"
+    helper("make_tied_positions_dict", "--input_path", parsed, "--output_path", tmp_path / "tied.jsonl",
+           "--homooligomer", "1")
+    one = tmp_path / "1olg.jsonl"
+    one.write_text(next(line for line in parsed.read_text().splitlines() if '"1olg"' in line) + "\n")
+    tables = {}
+    for name, flags in (("tied", ["--tied_positions_jsonl", tmp_path / "tied.jsonl"]), ("homo", ["--homo_oligomer"])):
+        done = protmask_cli("score", "--model", pipeline / "model", "--jsonl_path", one, "--mutation_scan", *flags,
+                            "--output", tmp_path / f"{name}.csv")
+        assert done.returncode == 0, done.stderr
+        tables[name] = (tmp_path / f"{name}.csv").read_text()
+    length = len(read_parsed_chains(one)[0][1][0])
+    assert tables["tied"] == tables["homo"] and len(tables["tied"].splitlines()) == 1 + length  # one row a unit
+
+
 def test_one_file_of_many_lines_and_a_structure_missing_from_a_control_file(pipeline, tmp_path):
     parsed = pipeline / "parsed.jsonl"
     # two lines, two structures: ProteinMPNN's run script would keep only the last line
