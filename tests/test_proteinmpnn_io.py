@@ -57,6 +57,13 @@ def pipeline(sample_dir, tmp_path_factory):
     return root
 
 
+def one_entry(parsed, name, folder):
+    """NAME.jsonl in ``folder``: the line of ``parsed`` that holds structure ``name``."""
+    path = folder / f"{name}.jsonl"
+    path.write_text(next(line for line in parsed.read_text().splitlines() if f'"{name}"' in line) + "\n")
+    return path
+
+
 def read_proteinmpnn_fasta(path):
     """ProteinMPNN's seqs/NAME.fa as its users parse it: header fields split at each ', key=' (its chain
     lists hold ', ' too)."""
@@ -178,8 +185,7 @@ def test_score_mutation_scan_takes_the_tied_positions_file_as_ties(pipeline, tmp
     parsed = pipeline / "parsed.jsonl"
     helper("make_tied_positions_dict", "--input_path", parsed, "--output_path", tmp_path / "tied.jsonl",
            "--homooligomer", "1")
-    one = tmp_path / "1olg.jsonl"
-    one.write_text(next(line for line in parsed.read_text().splitlines() if '"1olg"' in line) + "\n")
+    one = one_entry(parsed, "1olg", tmp_path)
     tables = {}
     for name, flags in (("tied", ["--tied_positions_jsonl", tmp_path / "tied.jsonl"]), ("homo", ["--homo_oligomer"])):
         done = protmask_cli("score", "--model", pipeline / "model", "--jsonl_path", one, "--mutation_scan", *flags,
@@ -208,8 +214,7 @@ def test_tied_positions_homo_oligomer_and_the_weighted_positive_negative_form(pi
     parsed = pipeline / "parsed.jsonl"
     helper("make_tied_positions_dict", "--input_path", parsed, "--output_path", tmp_path / "tied.jsonl",
            "--homooligomer", "1")
-    one = tmp_path / "1olg.jsonl"
-    one.write_text(next(line for line in parsed.read_text().splitlines() if '"1olg"' in line) + "\n")
+    one = one_entry(parsed, "1olg", tmp_path)
     done = protmask_cli("design", "--model", pipeline / "model", "--jsonl_path", one, "--tied_positions_jsonl",
                         tmp_path / "tied.jsonl", "--num_samples", "2", "--temperature", "1.0", "--output_format",
                         "proteinmpnn", "--output_dir", tmp_path / "out", "--decoding", "autoregressive")
@@ -306,8 +311,7 @@ def test_the_layout_is_protein_mpnn_runs_own_with_its_converted_weights(pipeline
     files, header fields in the same order, the same arrays, the same native sequence."""
     from protmask.models.convert_proteinmpnn import convert_proteinmpnn
 
-    one = tmp_path / "4n9o.jsonl"
-    one.write_text(next(line for line in (pipeline / "parsed.jsonl").read_text().splitlines() if '"4n9o"' in line) + "\n")
+    one = one_entry(pipeline / "parsed.jsonl", "4n9o", tmp_path)
     run_protein_mpnn(tmp_path, "--jsonl-path", one, "--out-folder", tmp_path / "theirs", "--num-seq-per-target", "2",
                      "--batch-size", "1", "--sampling-temp", "0.1", "--seed", "1", "--model-name", "v_48_020",
                      "--save-score", "1", "--save-probs", "1")
@@ -394,8 +398,7 @@ AMINO_ACIDS_INDEX = {a: i for i, a in enumerate(PROTEINMPNN_ALPHABET[:20])}
 
 def test_pssm_files_of_the_helper_script_and_an_alignment_steer_the_design(pipeline, tmp_path):
     parsed = pipeline / "parsed.jsonl"
-    one = tmp_path / "4n9o.jsonl"
-    one.write_text(next(line for line in parsed.read_text().splitlines() if '"4n9o"' in line) + "\n")
+    one = one_entry(parsed, "4n9o", tmp_path)
     chains = {c.chain_id: c for c in read_parsed_chains(one)[0][1]}
     # make_pssm_input_dict.py reads NAME.npz with CHAIN_coef, CHAIN_bias, CHAIN_odds: chain A all W, chain B none
     length = {k: len(c) for k, c in chains.items()}
