@@ -56,6 +56,38 @@ def load_model_for(command: str, args):
         return None
 
 
+def add_context_arguments(parser) -> None:
+    """Atomic context: what a model with context_atoms (LigandMPNN's) reads of a structure's other atoms."""
+    group = parser.add_argument_group("atomic context (models with context atoms, e.g. convert-ligandmpnn's)")
+    group.add_argument("--context", choices=("on", "off"), default="on",
+                       help="on: the model reads the structure's non-protein heavy atoms (small molecules, metals, "
+                            "nucleic acids; waters and hydrogens never); off: none, to compare with and without")
+    group.add_argument("--context_chains", default=None,
+                       help="only atoms of these chains count as context, e.g. C,D for a DNA duplex")
+    group.add_argument("--context_residues", default=None,
+                       help="only these groups count as context, by residue name or chain and number, e.g. "
+                            "HEM,ZN or A301 (leaves out crystallisation additives such as GOL or SO4)")
+
+
+def read_structure(source, args, model_has_context: bool):
+    """A structure file's chains, or with a context model its `ParsedEntry` with the atoms --context,
+    --context_chains and --context_residues choose."""
+    from .design.context import ContextChoice, choose_context_atoms
+    from .structure import ParsedEntry, parse_entry, parse_structure
+
+    choice = ContextChoice.from_args(args)
+    if not (model_has_context or choice.filtered):
+        return parse_structure(source)
+    entry = parse_entry(source)
+    return ParsedEntry(chains=entry.chains, atoms=choose_context_atoms(entry.atoms, choice, source),
+                       entry_id=entry.entry_id)
+
+
+def structure_chains(structure):
+    """The chains of what `read_structure` returned."""
+    return getattr(structure, "chains", structure)
+
+
 def add_design_control_arguments(parser) -> None:
     """The constraints shared by design and score: chains, fixed, tied, bias and omit."""
     parser.add_argument("--chains", default=None, help="chains to design, e.g. A,B (default: all; others stay as context)")
@@ -182,6 +214,7 @@ def design_parser():
     parser.add_argument("--pdb", nargs="+",
                         help="structure files (.pdb, .cif, .ent, optionally .gz), folders of them, or list files")
     add_design_control_arguments(parser)
+    add_context_arguments(parser)
     add_proteinmpnn_input_arguments(parser)
     parser.add_argument("--states", nargs="+", default=None,
                         help="multi-state design: one sequence for these structure files (instead of --pdb), each "
@@ -236,7 +269,7 @@ def design_command(argv) -> int:
     from .design import DesignError, design_plan, format_plan, plan_design
     from .design.designer import fasta_records, probability_rows, structure_stem
     from .design.proteinmpnn_outputs import write_proteinmpnn_outputs
-    from .structure import StructureError, parse_structure
+    from .structure import StructureError
 
     parser = design_parser()
     args = parser.parse_args(argv)
@@ -262,11 +295,13 @@ def design_command(argv) -> int:
         return 2
 
     plans, failed = [], []
+    with_context = model_setting(args.model, "context_atoms", 0) > 0
     for name, source in structures:
         try:
-            chains = parse_structure(source) if name is None else source
+            structure = read_structure(source, args, with_context) if name is None else source
+            chains = structure_chains(structure)
             name = structure_stem(str(source)) if name is None else name
-            plans.append(plan_design(chains, controls.options_for(name, chains, options) if controls else options))
+            plans.append(plan_design(structure, controls.options_for(name, chains, options) if controls else options))
         except (DesignError, StructureError) as error:
             failed.append((source if isinstance(source, (str, Path)) else name, str(error)))
     if args.dry_run:
@@ -309,7 +344,7 @@ def design_states_command(args, parser) -> int:
     """--states: one sequence for several structures (see design/multistate.py)."""
     from .design import DesignError, plan_design
     from .design.multistate import design_states, format_states, plan_states, state_fasta
-    from .structure import StructureError, parse_structure
+    from .structure import StructureError
 
     if args.pdb or args.jsonl_path or args.output_format != "protmask" or args.output_dir or args.probabilities:
         parser.error("--states writes one FASTA (--output) and takes its structures from --states only")
@@ -319,7 +354,8 @@ def design_states_command(args, parser) -> int:
     tie, args.tie = args.tie, None  # the cross-state ties are read by plan_states, not by each state's plan
     try:
         options = design_options(args)
-        plans = [plan_design(parse_structure(path), options) for path in args.states]
+        with_context = model_setting(args.model, "context_atoms", 0) > 0
+        plans = [plan_design(read_structure(path, args, with_context), options) for path in args.states]
         states = plan_states(args.states, plans, weights, tie, args.tie_by_number)
     except (DesignError, StructureError) as error:
         print(f"protmask design: error: {error}", file=sys.stderr)
@@ -424,6 +460,7 @@ def score_parser():
                             "as one mutation)")
     parser.add_argument("--output", required=True, help="TSV (scores) or CSV (--mutation_scan) to write")
     parser.add_argument("--device", default=None)
+    add_context_arguments(parser)
     return parser
 
 
@@ -431,7 +468,7 @@ def score_command(argv) -> int:
     from .design import DesignError, DesignOptions, plan_design
     from .design.designer import structure_stem
     from .design.scoring import score_sequences, summary_line, write_score_tsv
-    from .structure import StructureError, parse_structure
+    from .structure import StructureError
 
     parser = score_parser()
     args = parser.parse_args(argv)
@@ -459,12 +496,13 @@ def score_command(argv) -> int:
     items = []  # (name, chains, options), checked before the model is loaded
     try:
         sequences = read_fasta_records(args.sequences) if args.sequences else None
+        with_context = model_setting(args.model, "context_atoms", 0) > 0
         for name, source in structures:
-            chains = parse_structure(source) if name is None else source
+            structure = read_structure(source, args, with_context) if name is None else source
             name = structure_stem(str(source)) if name is None else name
-            options = controls.options_for(name, chains, base) if controls else base
-            plan_design(chains, options)
-            items.append((name, chains, options))
+            options = controls.options_for(name, structure_chains(structure), base) if controls else base
+            plan_design(structure, options)
+            items.append((name, structure, options))
     except (DesignError, StructureError) as error:
         print(f"protmask score: error: {error}", file=sys.stderr)
         return 2
@@ -502,16 +540,22 @@ def score_command(argv) -> int:
 
 def model_backbone(model) -> str:
     """What ``model`` reads of a residue (its config's ``backbone``), read before any structure is planned so
-    that CA traces are checked against a CA-only model; "full" when the configuration cannot be read here
-    (loading the model then says why)."""
+    that CA traces are checked against a CA-only model."""
+    return model_setting(model, "backbone", "full")
+
+
+def model_setting(model, name: str, default):
+    """A field of ``model``'s configuration, read before any structure is planned (whether it reads a residue's
+    CA only, whether it reads context atoms); ``default`` when the configuration cannot be read here (loading
+    the model then says why)."""
     try:
         from transformers import AutoConfig
 
         from .design.designer import resolve_model_folder
 
-        return getattr(AutoConfig.from_pretrained(resolve_model_folder(model)[0]), "backbone", "full")
+        return getattr(AutoConfig.from_pretrained(resolve_model_folder(model)[0]), name, default)
     except Exception:  # noqa: BLE001: any failure is reported by the model loading that follows
-        return "full"
+        return default
 
 
 def state_summary_lines(scores, names, weights, sequences) -> list[str]:
@@ -642,32 +686,54 @@ def plot_command(argv) -> int:
 
 
 def convert_command(argv) -> int:
-    from .models.convert_proteinmpnn import ConversionError, convert_proteinmpnn
+    from .models.convert_proteinmpnn import convert_proteinmpnn
 
-    parser = argparse.ArgumentParser(
-        prog="protmask convert-proteinmpnn",
-        description="Convert published ProteinMPNN weights (or a checkpoint of ProteinMPNN's training/training.py) "
+    return _convert(argv, "convert-proteinmpnn", convert_proteinmpnn,
+                    "Convert published ProteinMPNN weights (or a checkpoint of ProteinMPNN's training/training.py) "
                     "into a protmask model folder that AutoModelForMaskedLM loads and that computes the same "
                     "log-probabilities. CA-only weights (ca/v_48_0XX) give a CA-only model that designs from "
-                    "CA traces.")
-    parser.add_argument("--checkpoint", required=True,
-                        help="a .pt file, or a published name from the installed proteinmpnn package: "
-                             "vanilla/v_48_002, vanilla/v_48_010, vanilla/v_48_020, vanilla/v_48_030, "
-                             "soluble/v_48_0XX, ca/v_48_002, ca/v_48_010, ca/v_48_020")
+                    "CA traces.",
+                    "a .pt file, or a published name from the installed proteinmpnn package: vanilla/v_48_002, "
+                    "vanilla/v_48_010, vanilla/v_48_020, vanilla/v_48_030, soluble/v_48_0XX, ca/v_48_002, "
+                    "ca/v_48_010, ca/v_48_020")
+
+
+def convert_ligandmpnn_command(argv) -> int:
+    from .models.convert_ligandmpnn import convert_ligandmpnn
+
+    return _convert(argv, "convert-ligandmpnn", convert_ligandmpnn,
+                    "Convert published LigandMPNN weights into a protmask model folder that AutoModelForMaskedLM "
+                    "loads and that computes the same log-probabilities: the atomic-context models (each residue "
+                    "reads its 25 nearest non-protein atoms), the soluble and ProteinMPNN weights the package "
+                    "ships, and the two membrane-label models.",
+                    "a .pt file, or a published name from the installed ligandmpnn package: "
+                    "ligandmpnn_v_32_005_25, ligandmpnn_v_32_010_25, ligandmpnn_v_32_020_25, ligandmpnn_v_32_030_25, "
+                    "solublempnn_v_48_0XX, proteinmpnn_v_48_0XX, per_residue_label_membrane_mpnn_v_48_020, "
+                    "global_label_membrane_mpnn_v_48_020")
+
+
+def _convert(argv, name: str, convert, description: str, checkpoint_help: str) -> int:
+    from .models.convert_proteinmpnn import ConversionError
+
+    parser = argparse.ArgumentParser(prog=f"protmask {name}", description=description)
+    parser.add_argument("--checkpoint", required=True, help=checkpoint_help)
     parser.add_argument("--output", required=True, help="the folder to write (config.json, model.safetensors, "
                                                          "tokenizer, README.md model card)")
     args = parser.parse_args(argv)
     try:
-        model = convert_proteinmpnn(args.checkpoint, args.output)
+        model = convert(args.checkpoint, args.output)
     except ConversionError as error:
-        print(f"protmask convert-proteinmpnn: error: {error}", file=sys.stderr)
+        print(f"protmask {name}: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:
-        print(f"protmask convert-proteinmpnn: error: cannot write --output {args.output}: {error}", file=sys.stderr)
+        print(f"protmask {name}: error: cannot write --output {args.output}: {error}", file=sys.stderr)
         return 2
-    backbone = "CA-only, " if model.config.backbone == "ca" else ""
-    print(f"wrote {args.output}: {backbone}hidden {model.config.hidden_dim}, {model.config.num_neighbors} neighbours, "
-          f"backbone noise {model.config.backbone_noise} Å")
+    config = model.config
+    kind = ("CA-only, " if config.backbone == "ca" else "") + (
+        f"{config.context_atoms} context atoms per residue, " if config.context_atoms else "") + (
+        f"{config.residue_label_classes} residue label classes, " if config.residue_label_classes else "")
+    print(f"wrote {args.output}: {kind}hidden {config.hidden_dim}, {config.num_neighbors} neighbours, "
+          f"backbone noise {config.backbone_noise} Å")
     return 0
 
 
@@ -679,6 +745,8 @@ COMMANDS = {
     "evaluate": (evaluate_command, "evaluate a trained model on structure files"),
     "plot": (plot_command, "draw a training run's curves"),
     "convert-proteinmpnn": (convert_command, "convert published ProteinMPNN weights into a protmask model"),
+    "convert-ligandmpnn": (convert_ligandmpnn_command, "convert published LigandMPNN weights (atomic context, "
+                                                       "soluble, membrane) into a protmask model"),
 }
 
 
@@ -686,7 +754,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = ["usage: protmask COMMAND [options]   (protmask COMMAND --help for its options)", "", "commands:"]
-        lines += [f"  {name:15s} {text}" for name, (_, text) in COMMANDS.items()]
+        lines += [f"  {name:19s} {text}" for name, (_, text) in COMMANDS.items()]
         print("\n".join(lines), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, _ = COMMANDS[argv[0]]

@@ -54,3 +54,15 @@ def one_letter(resname: str, atom_names=()) -> str | None:
     if {"N", "CA", "C"} <= names:
         return UNKNOWN_RESIDUE
     return None
+
+#: Chemical element symbols in order of atomic number (H = 1 … Og = 118): context atoms are typed by it.
+ELEMENTS = ("H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr "
+            "Rb Sr Y Zr Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe Cs Ba La Ce Pr Nd Pm Sm Eu Gd Tb Dy Ho Er Tm Yb "
+            "Lu Hf Ta W Re Os Ir Pt Au Hg Tl Pb Bi Po At Rn Fr Ra Ac Th Pa U Np Pu Am Cm Bk Cf Es Fm Md No Lr Rf "
+            "Db Sg Bh Hs Mt Ds Rg Cn Nh Fl Mc Lv Ts Og").upper().split()
+_ATOMIC_NUMBER = {symbol: number for number, symbol in enumerate(ELEMENTS, start=1)}
+
+
+def atomic_number(element: str) -> int:
+    """The atomic number of an element symbol (any case), 0 when it is not an element."""
+    return _ATOMIC_NUMBER.get(element.strip().upper(), 0)

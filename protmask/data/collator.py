@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..metrics import IGNORE_INDEX
-from ..residues import has_backbone
+from ..residues import atomic_number, has_backbone
 from ..models.tokenization_protmask import ProtMaskTokenizer
 from ..structure import ContextAtoms, ParsedEntry, ProteinChain
 
@@ -232,12 +232,14 @@ class ProtMaskProcessor:
         objective: str = "masked",
         shuffle_chains: bool = False,
         backbone: str = "full",
+        with_context: bool = False,
     ):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         self.objective = objective
         self.backbone = backbone  # residues without what the model reads (its config.backbone) are never scored
         self.shuffle_chains = shuffle_chains
+        self.with_context = with_context  # add each example's context atoms (models with context_atoms)
         self.tokenizer = tokenizer or ProtMaskTokenizer()
         self.mask_ratio = mask_ratio
         self.mask_ratio_max = mask_ratio_max
@@ -337,11 +339,34 @@ class ProtMaskProcessor:
             batch["labels"] = labels
         if ordered:
             batch["decoding_rank"] = decoding_rank
+        if self.with_context:
+            batch.update(context_arrays([example.atoms for example, *_ in rows]))
         if return_tensors == "pt":
             batch = {key: torch.from_numpy(value) for key, value in batch.items()}
         elif return_tensors != "np":
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
         return batch
+
+
+def context_arrays(atoms: Sequence[ContextAtoms | None]) -> dict[str, np.ndarray]:
+    """Each example's context atoms padded to one width: ``context_coords`` ``[B, M, 3]``, ``context_elements``
+    ``[B, M]`` (atomic numbers) and ``context_mask`` ``[B, M]``. An example without atoms (or without a source
+    of them) is all padding; atoms of an unknown element are left out, as LigandMPNN does."""
+    kept = []
+    for group in atoms:
+        if group is None or len(group) == 0:
+            kept.append((np.zeros((0, 3), np.float32), np.zeros(0, np.int64)))
+            continue
+        numbers = np.array([atomic_number(e) for e in group.elements], dtype=np.int64)
+        known = (numbers > 0) & np.isfinite(group.coords).all(-1)
+        kept.append((group.coords[known], numbers[known]))
+    width = max((len(n) for _, n in kept), default=0)
+    coords = np.zeros((len(kept), width, 3), np.float32)
+    elements = np.zeros((len(kept), width), np.int64)
+    mask = np.zeros((len(kept), width), bool)
+    for b, (xyz, numbers) in enumerate(kept):
+        coords[b, :len(numbers)], elements[b, :len(numbers)], mask[b, :len(numbers)] = xyz, numbers, True
+    return {"context_coords": coords, "context_elements": elements, "context_mask": mask}
 
 
 class StructureDataset(torch.utils.data.Dataset):

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..data.collator import Example, to_example
 from ..residues import AMINO_ACIDS, has_backbone
-from ..structure import ProteinChain
+from ..structure import ParsedEntry, ProteinChain
 from .positions import DesignError, ResidueIndex
 from .pssm import MIN_QUERY_IDENTITY as MIN_ALIGNMENT_IDENTITY
 from .pssm import Profile, alignment_profile, build_profile, query_to_chain, read_alignment
@@ -204,8 +204,12 @@ def merge_groups(groups: list[list[int]]) -> list[list[int]]:
     return [members for members in merged.values() if len(members) > 1]
 
 
-def plan_design(structure: Sequence[ProteinChain], options: DesignOptions) -> DesignPlan:
-    """Check the options against one structure and lay out its design problem. Raises `DesignError`."""
+def plan_design(structure: Sequence[ProteinChain] | ParsedEntry, options: DesignOptions) -> DesignPlan:
+    """Check the options against one structure and lay out its design problem. Raises `DesignError`.
+    ``structure``: its chains, or a `ParsedEntry` whose atoms are the context of a model with atomic context."""
+    atoms = None
+    if isinstance(structure, ParsedEntry):
+        structure, atoms = structure.chains, structure.atoms
     chains = list(structure)
     index = ResidueIndex(chains)
     chosen = list(options.chains) if options.chains else list(index.chain_ids)
@@ -213,6 +217,7 @@ def plan_design(structure: Sequence[ProteinChain], options: DesignOptions) -> De
     if missing:
         raise DesignError(f"--chains {','.join(missing)}: not in the structure (it has {', '.join(index.chain_ids)})")
     example = to_example(chains)
+    example.atoms = atoms
     tokens = np.array(list(example.sequence))
     in_chosen = np.isin(index.chain_of, [index.chain_ids.index(c) for c in chosen])
     usable = has_backbone(example.coords, options.backbone)
@@ -417,5 +422,9 @@ def format_plan(plan: DesignPlan) -> str:
     weights = description.get("tie_weights", {})
     for members in description["tie_groups"]:
         lines.append(f"  tie group: {','.join(f'{m}×{weights[m]:g}' if m in weights else m for m in members)}")
+    if plan.example.atoms is not None:
+        from .context import describe_context
+
+        lines.append(f"  {describe_context(plan.example.atoms)}")
     lines += [f"  note: {note}" for note in description["notes"]]
     return "\n".join(lines)

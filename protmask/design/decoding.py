@@ -30,10 +30,15 @@ class DecodedSequences:
     step: torch.Tensor
 
 
+#: Batch entries the structure encoder reads besides the backbone: context atoms and residue labels.
+STRUCTURE_EXTRAS = ("context_coords", "context_elements", "context_mask", "residue_labels")
+
+
 def encode(model, batch: dict):
-    """The structure encoder's output for ``batch``, reusable by every decoder pass over it."""
+    """The structure encoder's output for ``batch`` (with its context atoms and residue labels when it has
+    them), reusable by every decoder pass over it."""
     return model.protmask.encode_structure(batch["coords"], batch["attention_mask"], batch["residue_index"],
-                                           batch["chain_index"])
+                                           batch["chain_index"], **{k: batch[k] for k in STRUCTURE_EXTRAS if k in batch})
 
 
 def is_causal(model) -> bool:

@@ -67,7 +67,8 @@ def load_model(path, device=None, say=None):
     if device is not None:
         model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    processor = ProtMaskProcessor(tokenizer, mask_ratio=model.config.mask_ratio, backbone=model.config.backbone)
+    processor = ProtMaskProcessor(tokenizer, mask_ratio=model.config.mask_ratio, backbone=model.config.backbone,
+                                  with_context=model.config.context_atoms > 0)
     return model, processor
 
 

@@ -67,6 +67,14 @@ class ProtMaskConfig(PreTrainedConfig):
             What the model reads of a residue. `"full"`: N, CA, C and O; residues missing any are left out.
             `"ca"`: the CA alone, with ProteinMPNN's CA-only features (distances between the CAs before, at and
             after two neighbours, and their relative orientation): for CA traces and coarse models.
+        context_atoms (`int`, defaults to 0):
+            Atomic context (LigandMPNN): each residue reads this many non-protein heavy atoms (small molecules,
+            metals, nucleic acids) nearest its virtual CB, through the context encoder (`models/context.py`);
+            25 for the published LigandMPNN models. 0: a residue-only model.
+        residue_label_classes (`int`, defaults to 0):
+            When set, a class per residue (``residue_labels``, 0 = unlabelled) sets its initial node state:
+            3 for the membrane ProteinMPNN models (0 none, 1 interface, 2 buried; or one global
+            transmembrane label for every residue).
         message_bias_per_neighbor (`bool`, defaults to `False`):
             Add the bias of each message MLP's last layer once per neighbour (ProteinMPNN) instead of once
             per residue; converted ProteinMPNN weights set it.
@@ -105,6 +113,8 @@ class ProtMaskConfig(PreTrainedConfig):
     decoder_context: str = "masked"
     message_bias_per_neighbor: bool = False
     backbone: str = "full"
+    context_atoms: int = 0
+    residue_label_classes: int = 0
 
     def validate_architecture(self):
         problems = []
@@ -128,6 +138,10 @@ class ProtMaskConfig(PreTrainedConfig):
             problems.append(f"decoder_context must be 'masked' or 'causal', got {self.decoder_context!r}")
         if self.backbone not in ("full", "ca"):
             problems.append(f"backbone must be 'full' or 'ca', got {self.backbone!r}")
+        if self.context_atoms < 0 or self.residue_label_classes < 0:
+            problems.append("context_atoms and residue_label_classes must be zero or more")
+        if self.context_atoms and self.backbone != "full":
+            problems.append("atomic context (context_atoms) needs backbone='full': it is placed by the virtual CB")
         if self.rbf_max <= self.rbf_min:
             problems.append("rbf_max must be larger than rbf_min")
         if problems:

@@ -35,6 +35,8 @@ SPECIAL_TOKEN_LOGIT = -1.0e4
 PAPER = ("J. Dauparas et al., Robust deep learning-based protein sequence design using ProteinMPNN, "
          "Science 378, 49-56 (2022), doi:10.1126/science.add2187")
 WEIGHT_KINDS = ("vanilla", "soluble", "ca")
+#: Tensors only LigandMPNN's model families have (atomic context; membrane labels' node embedding).
+LIGANDMPNN_ONLY_KEYS = {"features.type_linear.weight", "features.node_embedding.weight"}
 
 
 class ConversionError(ValueError):
@@ -76,6 +78,13 @@ def read_checkpoint(path) -> dict:
     return checkpoint
 
 
+def is_ca_only(state: dict) -> bool:
+    """Whether a ProteinMPNN state dict is a CA-only model (``CA_ProteinFeatures``: 9 atom pairs and 7
+    orientation numbers per edge)."""
+    width = state["features.edge_embedding.weight"].shape[1]
+    return width == NUM_POSITIONAL + len(PROTEINMPNN_CA_PAIRS) * 16 + NUM_ORIENTATION
+
+
 def _layer_count(state: dict, prefix: str) -> int:
     return len({key.split(".")[1] for key in state if key.startswith(prefix + ".")})
 
@@ -84,8 +93,9 @@ def convert_state_dict(checkpoint: dict) -> tuple[ProtMaskConfig, dict]:
     """(config, protmask state dict) for a ProteinMPNN checkpoint."""
     state = {k: v.float() for k, v in checkpoint["model_state_dict"].items()}
     hidden = state["W_e.weight"].shape[0]
-    # CA-only models carry node-feature layers (W_v, features.node_embedding) that their forward never uses.
-    ca_only = "W_v.weight" in state
+    # CA-only models are told by their edge features' width (they also carry node-feature layers, W_v and
+    # features.node_embedding, that their forward never uses).
+    ca_only = is_ca_only(state)
     config = ProtMaskConfig(
         hidden_dim=hidden, num_encoder_layers=_layer_count(state, "encoder_layers"),
         num_decoder_layers=_layer_count(state, "decoder_layers"), num_neighbors=int(checkpoint.get("num_edges", 48)),
@@ -147,8 +157,16 @@ def _node_update(state, source, target, hidden: int, decoder: bool) -> dict:
     projections; protmask's decoder neighbour input is [h_j, s_j]."""
     w1 = state[f"{source}.W1.weight"]
     neighbor = torch.cat([w1[:, 3 * hidden:], w1[:, 2 * hidden:3 * hidden]], 1) if decoder else w1[:, 2 * hidden:]
+    return message_layer(state, source, target, hidden, neighbor)
+
+
+def message_layer(state, source, target, hidden: int, neighbor) -> dict:
+    """A ProteinMPNN message layer (W1-W3, dense, norm1-2) → protmask's `NodeUpdate`: W1's first two blocks
+    act on [h_i, h_ij], ``neighbor`` (W1's remaining columns, arranged, or None) on the neighbour's input."""
+    w1 = state[f"{source}.W1.weight"]
+    neighbor = {} if neighbor is None else {f"{target}.neighbor_input.weight": neighbor}
     return {f"{target}.self_input.weight": w1[:, :hidden], f"{target}.self_input.bias": state[f"{source}.W1.bias"],
-            f"{target}.edge_input.weight": w1[:, hidden:2 * hidden], f"{target}.neighbor_input.weight": neighbor,
+            f"{target}.edge_input.weight": w1[:, hidden:2 * hidden], **neighbor,
             **_linear(state, f"{source}.W2", f"{target}.message"), **_linear(state, f"{source}.W3", f"{target}.output"),
             **_linear(state, f"{source}.dense.W_in", f"{target}.feed_forward.up"),
             **_linear(state, f"{source}.dense.W_out", f"{target}.feed_forward.down"),
@@ -160,7 +178,15 @@ def convert_proteinmpnn(checkpoint, output=None) -> ProtMaskForMaskedLM:
     """Convert (and, with ``output``, save with tokenizer and model card). Returns the model in eval mode."""
     path = resolve_checkpoint(checkpoint)
     raw = read_checkpoint(path)
+    if LIGANDMPNN_ONLY_KEYS & set(raw["model_state_dict"]) and not is_ca_only(raw["model_state_dict"]):
+        raise ConversionError(f"{path}: a LigandMPNN-family model (atomic context or membrane labels); convert it "
+                              "with `protmask convert-ligandmpnn --checkpoint FILE --output DIR`")
     config, state = convert_state_dict(raw)
+    return build_converted(path, config, state, output, model_card(checkpoint, path, raw))
+
+
+def build_converted(path, config: ProtMaskConfig, state: dict, output, card: str) -> ProtMaskForMaskedLM:
+    """The model with the converted weights (every tensor must fit), saved with tokenizer and card."""
     model = ProtMaskForMaskedLM(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -170,7 +196,7 @@ def convert_proteinmpnn(checkpoint, output=None) -> ProtMaskForMaskedLM:
         output = Path(output)
         model.save_pretrained(output)
         ProtMaskTokenizer().save_pretrained(output)
-        (output / "README.md").write_text(model_card(checkpoint, path, raw))
+        (output / "README.md").write_text(card)
     return model
 
 
@@ -179,7 +205,7 @@ def model_card(name, path: Path, checkpoint: dict) -> str:
 
     noise = checkpoint.get("noise_level")
     tags = ["protmask", "proteinmpnn", "protein", "inverse-folding"]
-    if "W_v.weight" in checkpoint["model_state_dict"]:
+    if is_ca_only(checkpoint["model_state_dict"]):
         tags.append("ca-only")
     data = ModelCardData(library_name="transformers", license="mit", tags=tags)
     steps = f", training step {checkpoint['step']}" if "step" in checkpoint else ""
@@ -195,7 +221,7 @@ def model_card(name, path: Path, checkpoint: dict) -> str:
         "does.", "", *([
             "A CA-only model (`backbone=\"ca\"`, ProteinMPNN's `--ca_only`): it reads each residue's CA alone, so "
             "it designs CA traces and coarse models; N, C and O are ignored where present.", ""]
-            if "W_v.weight" in checkpoint["model_state_dict"] else []),
+            if is_ca_only(checkpoint["model_state_dict"]) else []),
         "```python", "import protmask", "from transformers import AutoModelForMaskedLM",
         "model = AutoModelForMaskedLM.from_pretrained(PATH)", "```", ""])
     return str(ModelCard(content))

@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput
 from ..metrics import masked_lm_loss
 from ..residues import has_backbone
 from .configuration_protmask import ProtMaskConfig
+from .context import ContextEncoder
 
 # Ideal-geometry coefficients for the virtual CB from N, CA, C (as in ProteinMPNN and trRosetta).
 _CB_A, _CB_B, _CB_C = -0.58273431, 0.56802827, -0.54067466
@@ -53,9 +54,13 @@ def edge_message_input(edge_states, edge_weight, self_projection, neighbor_proje
     addmm on these views makes autograd copy every edge gradient back through them (measured: 7 % of a CPU
     training step).
     """
-    if neighbor_index is not None:
-        neighbor_projection = gather_neighbors(neighbor_projection, neighbor_index)
-    node_terms = neighbor_projection + self_projection[:, :, None]
+    if neighbor_projection is None:  # messages over [h_i, h_ij] only (the context atoms' layers)
+        node_terms = self_projection[:, :, None].expand(*edge_states.shape[:-1], self_projection.shape[-1])
+        node_terms = node_terms.contiguous()
+    else:
+        if neighbor_index is not None:
+            neighbor_projection = gather_neighbors(neighbor_projection, neighbor_index)
+        node_terms = neighbor_projection + self_projection[:, :, None]
     hidden, out = edge_states.shape[-1], node_terms.shape[-1]
     # Explicit casts: under autocast the node terms are half precision, the edge states may not be.
     summed = torch.addmm(node_terms.view(-1, out), edge_states.reshape(-1, hidden).to(node_terms.dtype),
@@ -119,12 +124,15 @@ class BackboneFeatures(nn.Module):
     def num_atom_pairs() -> int:
         return NUM_ATOM_TYPES * NUM_ATOM_TYPES
 
-    def forward(self, coords, attention_mask, residue_index, chain_index):
+    def forward(self, coords, attention_mask, residue_index, chain_index, return_atoms: bool = False):
+        """(edge states, neighbour index, node mask, edge mask); with ``return_atoms`` also the N, CA, C, O and
+        CB ``[B, L, 5, 3]`` as featurised (noised in training) and as given (what atomic context is chosen by)."""
         # Geometry in float32 even under autocast: bf16 distances would blur the neighbour ranking.
         with torch.autocast(device_type=coords.device.type, enabled=False):
             coords = coords.float()
             node_mask = attention_mask.bool() & has_backbone(coords, self.backbone)
             coords = torch.where(node_mask[..., None, None], coords, torch.zeros_like(coords))
+            clean = coords
             if self.training and self.backbone_noise > 0:
                 coords = coords + self.backbone_noise * torch.randn_like(coords) * node_mask[..., None, None]
             atoms = self.atoms(coords)  # [B, L, A, 3]
@@ -160,7 +168,10 @@ class BackboneFeatures(nn.Module):
             edges = edges + extra
         edges = self.edge_input(self.norm(edges))
         dtype = edges.dtype
-        return edges, neighbor_index, node_mask.to(dtype), edge_mask.to(dtype)
+        graph = edges, neighbor_index, node_mask.to(dtype), edge_mask.to(dtype)
+        if return_atoms:
+            return *graph, BackboneFeatures.atoms(coords), BackboneFeatures.atoms(clean)
+        return graph
 
     @staticmethod
     def atoms(coords):
@@ -286,7 +297,8 @@ class NodeUpdate(nn.Module):
         # bias sits on the per-node self projection.
         self.edge_input = nn.Linear(hidden, hidden, bias=False)
         self.self_input = nn.Linear(hidden, hidden)
-        self.neighbor_input = nn.Linear(neighbor_dim, hidden, bias=False)
+        # neighbor_dim 0: messages read no neighbour state (the atom layers of the atomic context).
+        self.neighbor_input = nn.Linear(neighbor_dim, hidden, bias=False) if neighbor_dim else None
         self.message = nn.Linear(hidden, hidden)
         self.output = nn.Linear(hidden, hidden)
         self.feed_forward = FeedForward(config)
@@ -299,7 +311,8 @@ class NodeUpdate(nn.Module):
         """``neighbor_projection``: per-edge ``neighbor_input`` terms ``[B, L, K, H]`` when the caller chose
         them edge by edge (causal decoding); otherwise ``neighbor_states`` are projected per node."""
         if neighbor_projection is None:
-            neighbor_projection = self.neighbor_input(neighbor_states)
+            if self.neighbor_input is not None:
+                neighbor_projection = self.neighbor_input(neighbor_states)
         else:
             neighbor_index = None
         message = edge_message_input(edge_states, self.edge_input.weight, self.self_input(node_states),
@@ -390,7 +403,12 @@ class ProtMaskModel(ProtMaskPreTrainedModel):
     def __init__(self, config: ProtMaskConfig):
         super().__init__(config)
         self.features = (CATraceFeatures if config.backbone == "ca" else BackboneFeatures)(config)
+        if config.residue_label_classes:  # a label per residue sets its initial node state (membrane models)
+            self.label_embedding = nn.Embedding(config.residue_label_classes, config.hidden_dim)
+            self.label_norm = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
+            self.label_input = nn.Linear(config.hidden_dim, config.hidden_dim)
         self.encoder_layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_encoder_layers))
+        self.context_encoder = ContextEncoder(config, NodeUpdate) if config.context_atoms else None
         self.sequence_embedding = nn.Embedding(config.vocab_size, config.hidden_dim, padding_idx=config.pad_token_id)
         self.decoder_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_decoder_layers))
         self.post_init()
@@ -413,17 +431,50 @@ class ProtMaskModel(ProtMaskPreTrainedModel):
             chain_index = torch.zeros(batch, length, dtype=torch.long, device=device)
         return attention_mask, residue_index.long(), chain_index.long()
 
-    def encode_structure(self, coords, attention_mask=None, residue_index=None, chain_index=None) -> StructureEncoding:
-        """Run the structure encoder once; the result can be decoded many times with different sequences."""
+    def encode_structure(self, coords, attention_mask=None, residue_index=None, chain_index=None,
+                         context_coords=None, context_elements=None, context_mask=None,
+                         residue_labels=None) -> StructureEncoding:
+        """Run the structure encoder once; the result can be decoded many times with different sequences.
+
+        ``context_*``: the example's non-protein heavy atoms (``[B, M, 3]``, atomic numbers ``[B, M]``, mask
+        ``[B, M]``), read by models with ``config.context_atoms``; without them such a model sees no atoms.
+        ``residue_labels`` ``[B, L]``: class per residue for models with ``config.residue_label_classes``
+        (0 where unlabelled)."""
         attention_mask, residue_index, chain_index = self._defaults(coords, attention_mask, residue_index, chain_index)
-        edge_states, neighbor_index, node_mask, edge_mask = self.features(
-            coords, attention_mask, residue_index, chain_index)
-        node_states = edge_states.new_zeros(edge_states.shape[0], edge_states.shape[1], edge_states.shape[-1])
+        with_context = self.context_encoder is not None
+        edge_states, neighbor_index, node_mask, edge_mask, *atoms = self.features(
+            coords, attention_mask, residue_index, chain_index, return_atoms=with_context)
+        node_states = self.initial_node_states(edge_states, residue_labels)
+        if with_context:  # chosen before the encoder layers draw dropout, so training runs repeat exactly
+            selected = self.context_encoder.select(atoms[1], *self._context_defaults(
+                coords, context_coords, context_elements, context_mask))
         for layer in self.encoder_layers:
             node_states, edge_states = layer(node_states, edge_states, neighbor_index, node_mask, edge_mask)
+        if with_context:
+            node_states = self.context_encoder(node_states, node_mask, atoms[0], selected)
         causal_edge_mask = node_mask[..., None] * gather_neighbors(attention_mask.to(node_mask.dtype), neighbor_index)
         return StructureEncoding(node_states=node_states, edge_states=edge_states, neighbor_index=neighbor_index,
                                  node_mask=node_mask, edge_mask=edge_mask, causal_edge_mask=causal_edge_mask)
+
+    def initial_node_states(self, edge_states, residue_labels):
+        """Zero, or for a model with residue labels their embedding (label 0 where none are given)."""
+        batch, length, hidden = edge_states.shape[0], edge_states.shape[1], edge_states.shape[-1]
+        if not self.config.residue_label_classes:
+            return edge_states.new_zeros(batch, length, hidden)
+        if residue_labels is None:
+            residue_labels = torch.zeros(batch, length, dtype=torch.long, device=edge_states.device)
+        labels = self.label_norm(self.label_embedding(residue_labels.long()))
+        return self.label_input(labels).to(edge_states.dtype)
+
+    @staticmethod
+    def _context_defaults(coords, context_coords, context_elements, context_mask):
+        if context_coords is None:  # no atoms: every residue's context is padding
+            batch = coords.shape[0]
+            return (coords.new_zeros(batch, 0, 3), torch.zeros(batch, 0, dtype=torch.long, device=coords.device),
+                    torch.zeros(batch, 0, dtype=torch.bool, device=coords.device))
+        if context_mask is None:
+            context_mask = torch.ones(context_coords.shape[:2], dtype=torch.bool, device=coords.device)
+        return context_coords, context_elements, context_mask
 
     def decode(self, input_ids, structure: StructureEncoding, output_hidden_states: bool = False,
                decoding_rank: torch.Tensor | None = None):
@@ -457,9 +508,14 @@ class ProtMaskModel(ProtMaskPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         decoding_rank: torch.Tensor | None = None,
+        context_coords: torch.Tensor | None = None,
+        context_elements: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        residue_labels: torch.Tensor | None = None,
         **kwargs,
     ) -> ProtMaskModelOutput:
-        structure = self.encode_structure(coords, attention_mask, residue_index, chain_index)
+        structure = self.encode_structure(coords, attention_mask, residue_index, chain_index, context_coords,
+                                          context_elements, context_mask, residue_labels)
         hidden, all_states = self.decode(input_ids, structure, bool(output_hidden_states), decoding_rank)
         return ProtMaskModelOutput(last_hidden_state=hidden, structure=structure, hidden_states=all_states)
 
@@ -490,6 +546,10 @@ class ProtMaskForMaskedLM(ProtMaskPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         decoding_rank: torch.Tensor | None = None,
+        context_coords: torch.Tensor | None = None,
+        context_elements: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        residue_labels: torch.Tensor | None = None,
         **kwargs,
     ) -> MaskedLMOutput:
         r"""
@@ -500,9 +560,14 @@ class ProtMaskForMaskedLM(ProtMaskPreTrainedModel):
         labels (`(batch, length)`): true residue ids where scored, IGNORE_INDEX (-100) elsewhere.
         decoding_rank (`(batch, length)`, causal decoder only): the order residues are decoded in (see
         `ProtMaskConfig.decoder_context`).
+        context_coords (`(batch, atoms, 3)`), context_elements (`(batch, atoms)`, atomic numbers) and
+        context_mask (`(batch, atoms)`): the non-protein heavy atoms, for models with `context_atoms`.
+        residue_labels (`(batch, length)`): per-residue classes, for models with `residue_label_classes`.
         """
         outputs = self.protmask(input_ids, coords, attention_mask, residue_index, chain_index,
-                                output_hidden_states=output_hidden_states, decoding_rank=decoding_rank)
+                                output_hidden_states=output_hidden_states, decoding_rank=decoding_rank,
+                                context_coords=context_coords, context_elements=context_elements,
+                                context_mask=context_mask, residue_labels=residue_labels)
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
         if labels is not None:
