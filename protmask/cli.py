@@ -611,7 +611,7 @@ def evaluate_command(argv) -> int:
     import json
 
     from .data.build import DatasetBuildError
-    from .evaluation import EVALUATE_MAX_LENGTH, evaluate, examples_from, format_table
+    from .evaluation import EVALUATE_MAX_LENGTH, SITE_CUTOFF, evaluate, examples_from, format_table
     from .training.arguments import non_negative_int, positive_int
 
     parser = argparse.ArgumentParser(
@@ -619,7 +619,8 @@ def evaluate_command(argv) -> int:
         description="Evaluate a trained model on structures: masked accuracy and perplexity at the model's "
                     "training mask ratio (fixed seeded masks); ProteinMPNN's teacher-forced accuracy and perplexity "
                     "(every residue, in a seeded random order); recovery of full designs from structure alone "
-                    "(--decoding), by chain length; random and most-frequent-residue baselines.")
+                    "(--decoding), by chain length and at binding sites of small molecules, metals and nucleotides "
+                    f"(virtual CB within {SITE_CUTOFF:g} Å of such an atom); random and most-frequent-residue baselines.")
     parser.add_argument("--model", required=True, help="a save_pretrained folder or hub id")
     parser.add_argument("--pdb_path", required=True,
                         help="structure folder, file or list file, or a built dataset (see --split)")
@@ -638,10 +639,16 @@ def evaluate_command(argv) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the fixed masks and decoding orders")
     parser.add_argument("--output", default=None, help="write the metrics as JSON here")
     parser.add_argument("--device", default=None)
+    add_context_arguments(parser)
     args = parser.parse_args(argv)
+    from .design import DesignError
+    from .design.context import ContextChoice
+
+    choice = ContextChoice.from_args(args)
     try:
-        examples, failed = examples_from(args.pdb_path, args.split, args.min_length, model_backbone(args.model))
-    except DatasetBuildError as error:
+        examples, failed = examples_from(args.pdb_path, args.split, args.min_length, model_backbone(args.model),
+                                         context=choice if choice.filtered else None)
+    except (DatasetBuildError, DesignError) as error:
         print(f"protmask evaluate: error: {error}", file=sys.stderr)
         return 2
     if not examples:
@@ -652,7 +659,7 @@ def evaluate_command(argv) -> int:
         return 2
     model, processor = loaded
     metrics = evaluate(model, processor, examples, max_tokens=args.max_tokens, rounds=args.rounds, seed=args.seed,
-                       max_length=args.max_length or None, decoding=args.decoding)
+                       max_length=args.max_length or None, decoding=args.decoding, use_context=choice.enabled)
     metrics["files_failed"] = failed
     metrics["model"] = str(args.model)
     metrics["pdb_path"] = str(args.pdb_path)

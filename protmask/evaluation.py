@@ -8,12 +8,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.collator import RESIDUE_COLUMNS, Example, ProtMaskProcessor, to_example
+from .data.collator import ATOM_COLUMNS, RESIDUE_COLUMNS, Example, ProtMaskProcessor, to_example
 from .design.decoding import decode
 from .design.scoring import CONTEXT, ranked_log_probs
 from .metrics import IGNORE_INDEX, MaskedLMStats
 from .residues import has_backbone
-from .structure import StructureError, parse_structure
+from .structure import ATOM_CLASSES, StructureError, parse_entry
+
+#: A residue is at a binding site of a class (small molecule, metal, nucleotide) when its virtual CB lies within
+#: this distance (Å) of an atom of that class: LigandMPNN's own site definition (its run.py's
+#: --ligand_mpnn_cutoff_for_score, the residues its ligand confidence is computed over).
+SITE_CUTOFF = 8.0
+_CONTEXT_KEYS = ("context_coords", "context_elements", "context_mask")
 
 LENGTH_BUCKETS = (("<100", 0, 100), ("100-300", 100, 301), (">300", 301, 10**9))
 
@@ -27,8 +33,9 @@ class SplitExamples:
     """The rows of built splits as examples, read from the memory-mapped Arrow files a batch at a time: a
     split is never held in memory at once."""
 
-    def __init__(self, splits):
-        self.splits = [split.select_columns([c for c in RESIDUE_COLUMNS if c in split.column_names]).with_format("numpy")
+    def __init__(self, splits, with_atoms: bool = True):
+        columns = RESIDUE_COLUMNS + (ATOM_COLUMNS if with_atoms else ())
+        self.splits = [split.select_columns([c for c in columns if c in split.column_names]).with_format("numpy")
                        for split in splits]
         self.offsets = np.cumsum([0] + [len(split) for split in self.splits])
         self.lengths = np.concatenate([np.asarray(split["length"]) for split in self.splits]) if self.splits else []
@@ -41,12 +48,14 @@ class SplitExamples:
         return to_example(self.splits[part][int(index - self.offsets[part])])
 
 
-def examples_from(pdb_path, split: str | None = None, min_length: int = 20, backbone: str = "full"):
+def examples_from(pdb_path, split: str | None = None, min_length: int = 20, backbone: str = "full", context=None):
     """(examples, failed files) from a built dataset (one split or all, read lazily), or from structure files
-    (parsed into memory: for large sets, build a dataset first). ``backbone``: what the model reads of a
-    residue (its config.backbone); "ca" keeps CA traces."""
+    (parsed into memory: for large sets, build a dataset first), each with its non-protein atoms (the binding
+    sites, and a context model's input). ``backbone``: what the model reads of a residue (its config.backbone);
+    "ca" keeps CA traces. ``context``: a `ContextChoice` of the atoms to keep (structure files only)."""
     from .data.build import (BuildOptions, DatasetBuildError, filter_chains, find_structure_files, is_built_dataset,
                              load_built)
+    from .design.context import choose_context_atoms
 
     if isinstance(pdb_path, (str, Path)) and is_built_dataset(pdb_path):
         dataset = load_built(pdb_path).dataset
@@ -62,12 +71,15 @@ def examples_from(pdb_path, split: str | None = None, min_length: int = 20, back
     options = BuildOptions(min_length=min_length, backbone=backbone)
     for path in files:
         try:
-            kept, _ = filter_chains(parse_structure(path), options)
+            entry = parse_entry(path)
+            kept, _ = filter_chains(entry.chains, options)
         except StructureError as error:
             failed.append({"file": str(path), "error": error.reason})
             continue
         if kept:
-            examples.append(to_example(kept))
+            example = to_example(kept)
+            example.atoms = entry.atoms if context is None else choose_context_atoms(entry.atoms, context, path)
+            examples.append(example)
         else:
             failed.append({"file": str(path), "error": "no chain passed the filters (see build_report.json rules)"})
     return examples, failed
@@ -76,15 +88,20 @@ def examples_from(pdb_path, split: str | None = None, min_length: int = 20, back
 @torch.no_grad()
 def evaluate(model, processor: ProtMaskProcessor, examples, max_tokens: int = 4000,
              rounds: int = 10, seed: int = 0, max_length: int | None = EVALUATE_MAX_LENGTH, progress=None,
-             decoding: str = "mask_predict") -> dict:
+             decoding: str = "mask_predict", use_context: bool = True) -> dict:
     """Masked, autoregressive teacher-forced and design metrics over ``examples``, with baselines on the
     same chains. ``decoding`` is how the designs are made (greedy): ``mask_predict`` or ``autoregressive``.
     ``examples``: a list of examples or `SplitExamples`; longer ones are cropped to ``max_length`` (None: not)."""
     from .data.sampler import LengthBucketBatchSampler
 
     device = next(model.parameters()).device
+    # Every batch carries the atoms (binding sites are measured for any model); a context model reads them
+    # unless use_context is False.
     processor = ProtMaskProcessor(processor.tokenizer, mask_ratio=model.config.mask_ratio, max_length=max_length,
-                                  backbone=model.config.backbone)
+                                  backbone=model.config.backbone, with_context=True, return_positions=True)
+    model_keys = lambda batch: {k: v for k, v in batch.items()  # noqa: E731
+                                if k not in ("labels", "positions", "context_classes")
+                                and (use_context or k not in _CONTEXT_KEYS)}
     full_lengths = examples.lengths if isinstance(examples, SplitExamples) else [len(e) for e in examples]
     lengths = [min(int(n), max_length or 10**9) for n in full_lengths]
     longest = max(lengths) if lengths else 0
@@ -100,12 +117,15 @@ def evaluate(model, processor: ProtMaskProcessor, examples, max_tokens: int = 40
         chunk = [examples[i] for i in batch_indices]
         teacher = processor(chunk, mask=True, seeds=[(seed, i) for i in batch_indices])
         teacher = {k: v.to(device) for k, v in teacher.items()}
-        logits = model(**{k: v for k, v in teacher.items() if k != "labels"}).logits
+        logits = model(**model_keys(teacher)).logits
         stats.update(logits, teacher["labels"], teacher["chain_index"])
         masked_native += teacher["labels"][teacher["labels"] != IGNORE_INDEX].tolist()
 
         full = processor(chunk, seeds=[(seed, i) for i in batch_indices])
         full = {k: v.to(device) for k, v in full.items()}
+        sites = binding_sites(full)  # [B, L, classes], before the model's view drops the atoms
+        positions = full.pop("positions")
+        full = model_keys(full)
         scorable = torch.isin(full["input_ids"], allowed)
         designable = scorable & has_backbone(full["coords"], model.config.backbone) & (full["attention_mask"] > 0)
         unit_of = torch.full(designable.shape, -1, dtype=torch.long, device=device)
@@ -129,7 +149,9 @@ def evaluate(model, processor: ProtMaskProcessor, examples, max_tokens: int = 40
                 chain_rows.append({"example": examples[index].name, "chain": examples[index].chain_ids[chain]
                                    if chain < len(examples[index].chain_ids) else str(chain),
                                    "length": count, "recovery": float(hits[b][where].sum()) / count,
-                                   "native": full["input_ids"][b][where].tolist()})
+                                   "native": full["input_ids"][b][where].tolist(),
+                                   **residue_detail(examples[index], positions[b][where], full["input_ids"][b][where],
+                                                    tokens[b][where], sites[b][where], processor.tokenizer)})
         if progress:
             progress(len(chain_rows))
 
@@ -174,8 +196,52 @@ def evaluate(model, processor: ProtMaskProcessor, examples, max_tokens: int = 40
                 "design_recovery_median": float(np.nanmedian(most_frequent_recovery)),
             },
         },
+        "design_recovery_at_sites": site_recovery(chain_rows),
+        "site_definition": f"virtual CB within {SITE_CUTOFF:g} Å of a non-protein heavy atom of the class",
         "chains": [{k: v for k, v in row.items() if k != "native"} for row in chain_rows],
     }
+
+
+def binding_sites(batch: dict) -> torch.Tensor:
+    """``[B, L, 3]`` bool: the residue's virtual CB is within `SITE_CUTOFF` of an atom of each class."""
+    from .models.modeling_protmask import BackboneFeatures
+
+    cb = BackboneFeatures.atoms(torch.nan_to_num(batch["coords"].float()))[:, :, 4]
+    near = torch.cdist(cb, batch["context_coords"].float()) < SITE_CUTOFF  # [B, L, M]
+    near &= has_backbone(batch["coords"])[:, :, None] & batch["context_mask"][:, None, :]
+    classes = batch["context_classes"]
+    return torch.stack([(near & (classes == c)[:, None, :]).any(-1) for c in range(len(ATOM_CLASSES))], -1)
+
+
+def residue_detail(example: Example, positions, native, designed, sites, tokenizer) -> dict:
+    """A chain row's residues: labels (chain and number), native and designed letters, and the site classes
+    of each (so that any other site definition can be computed from the row)."""
+    numbers = example.residue_numbers[positions.cpu().numpy()]
+    chain_of = np.repeat(np.arange(len(example.chain_lengths)), example.chain_lengths)[positions.cpu().numpy()]
+    return {"residues": [f"{example.chain_ids[c]}{n}" for c, n in zip(chain_of.tolist(), numbers.tolist())],
+            "native_letters": "".join(tokenizer.convert_ids_to_tokens(native.tolist())),
+            "designed_letters": "".join(tokenizer.convert_ids_to_tokens(designed.tolist())),
+            "site_classes": {name: sites[:, i].nonzero().flatten().tolist() for i, name in enumerate(ATOM_CLASSES)
+                             if sites[:, i].any()}}
+
+
+def site_recovery(chain_rows) -> dict:
+    """Per class: design recovery over its site residues (pooled), and per chain with sites (median, mean)."""
+    out = {}
+    for name in ATOM_CLASSES:
+        per_chain, right, total = [], 0, 0
+        for row in chain_rows:
+            where = row["site_classes"].get(name, [])
+            if not where:
+                continue
+            hits = sum(row["native_letters"][i] == row["designed_letters"][i] for i in where)
+            per_chain.append(hits / len(where))
+            right, total = right + hits, total + len(where)
+        out[name] = {"num_chains": len(per_chain), "num_residues": total,
+                     "recovery": right / total if total else None,
+                     "recovery_per_chain_median": float(np.median(per_chain)) if per_chain else None,
+                     "recovery_per_chain_mean": float(np.mean(per_chain)) if per_chain else None}
+    return out
 
 
 def _ordered_likelihood(model, batch: dict, scored: torch.Tensor, allowed, mask_token_id: int, seed) -> tuple:
@@ -211,6 +277,11 @@ def format_table(metrics: dict) -> str:
     for label, bucket in metrics["design_recovery_by_length"].items():
         value = "-" if bucket["design_recovery_mean"] is None else f"{bucket['design_recovery_mean']:.4f}"
         rows.append((f"  chains {label} residues ({bucket['num_chains']})", value, "", ""))
+    for name, site in metrics.get("design_recovery_at_sites", {}).items():
+        if site["num_residues"]:
+            rows.append((f"design recovery at {name.replace('_', ' ')} sites ({site['num_residues']} residues, "
+                         f"{site['num_chains']} chains; per-chain median)",
+                         f"{site['recovery']:.4f} ({site['recovery_per_chain_median']:.4f})", "0.0500", ""))
     header = ("metric", "model", "random", f"most frequent ({most['residue']})")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(4)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths))]

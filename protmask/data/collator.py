@@ -233,9 +233,13 @@ class ProtMaskProcessor:
         shuffle_chains: bool = False,
         backbone: str = "full",
         with_context: bool = False,
+        return_positions: bool = False,
     ):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if return_positions and shuffle_chains:
+            raise ValueError("return_positions maps batch columns to example residues: not with shuffle_chains")
+        self.return_positions = return_positions  # add "positions": each column's residue in the example given
         self.objective = objective
         self.backbone = backbone  # residues without what the model reads (its config.backbone) are never scored
         self.shuffle_chains = shuffle_chains
@@ -293,11 +297,12 @@ class ProtMaskProcessor:
             if mask and self.shuffle_chains and len(example.chain_lengths) > 1:
                 example = permute_chains(example, rng.permutation(len(example.chain_lengths)))
             index = residue_index(example.residue_numbers, example.chain_lengths)
+            keep = np.arange(len(example))
             if self.max_length is not None and len(example) > self.max_length:
                 example, keep = crop(example, self.max_length, rng)
                 index = index[keep]
             token_ids = self.encode_sequence(example.sequence)
-            rows.append((example, token_ids, index, rng))
+            rows.append((example, token_ids, index, rng, keep))
 
         width = max((len(e) for e, *_ in rows), default=0)
         if self.pad_to_multiple_of:
@@ -312,7 +317,10 @@ class ProtMaskProcessor:
         labels = np.full((batch_size, width), IGNORE_INDEX, dtype=np.int64) if mask else None
         ordered = mask and self.objective == "autoregressive"
         decoding_rank = np.full((batch_size, width), 2 * width, dtype=np.int64) if ordered else None
-        for b, (example, token_ids, index, rng) in enumerate(rows):
+        positions = np.full((batch_size, width), -1, dtype=np.int64) if self.return_positions else None
+        for b, (example, token_ids, index, rng, keep) in enumerate(rows):
+            if positions is not None:
+                positions[b, :len(keep)] = keep
             length = len(example)
             input_ids[b, :length] = token_ids
             coords[b, :length] = example.coords
@@ -341,6 +349,8 @@ class ProtMaskProcessor:
             batch["decoding_rank"] = decoding_rank
         if self.with_context:
             batch.update(context_arrays([example.atoms for example, *_ in rows]))
+        if positions is not None:
+            batch["positions"] = positions
         if return_tensors == "pt":
             batch = {key: torch.from_numpy(value) for key, value in batch.items()}
         elif return_tensors != "np":
@@ -350,23 +360,26 @@ class ProtMaskProcessor:
 
 def context_arrays(atoms: Sequence[ContextAtoms | None]) -> dict[str, np.ndarray]:
     """Each example's context atoms padded to one width: ``context_coords`` ``[B, M, 3]``, ``context_elements``
-    ``[B, M]`` (atomic numbers) and ``context_mask`` ``[B, M]``. An example without atoms (or without a source
+    ``[B, M]`` (atomic numbers), ``context_mask`` ``[B, M]`` and ``context_classes`` ``[B, M]``. An example without atoms (or without a source
     of them) is all padding; atoms of an unknown element are left out, as LigandMPNN does."""
     kept = []
     for group in atoms:
         if group is None or len(group) == 0:
-            kept.append((np.zeros((0, 3), np.float32), np.zeros(0, np.int64)))
+            kept.append((np.zeros((0, 3), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)))
             continue
         numbers = np.array([atomic_number(e) for e in group.elements], dtype=np.int64)
         known = (numbers > 0) & np.isfinite(group.coords).all(-1)
-        kept.append((group.coords[known], numbers[known]))
-    width = max((len(n) for _, n in kept), default=0)
+        kept.append((group.coords[known], numbers[known], group.classes[known].astype(np.int64)))
+    width = max((len(n) for _, n, _ in kept), default=0)
     coords = np.zeros((len(kept), width, 3), np.float32)
     elements = np.zeros((len(kept), width), np.int64)
+    classes = np.full((len(kept), width), -1, np.int64)
     mask = np.zeros((len(kept), width), bool)
-    for b, (xyz, numbers) in enumerate(kept):
-        coords[b, :len(numbers)], elements[b, :len(numbers)], mask[b, :len(numbers)] = xyz, numbers, True
-    return {"context_coords": coords, "context_elements": elements, "context_mask": mask}
+    for b, (xyz, numbers, kinds) in enumerate(kept):
+        n = len(numbers)
+        coords[b, :n], elements[b, :n], classes[b, :n], mask[b, :n] = xyz, numbers, kinds, True
+    # context_classes (index into structure.ATOM_CLASSES, -1 padding) is for site metrics; models ignore it.
+    return {"context_coords": coords, "context_elements": elements, "context_mask": mask, "context_classes": classes}
 
 
 class StructureDataset(torch.utils.data.Dataset):
