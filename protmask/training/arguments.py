@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--message_bias_per_neighbor", action=argparse.BooleanOptionalAction, default=False,
                        help="a new model adds each message MLP's last bias once per neighbour, as ProteinMPNN does "
                             "(its converted weights set it), instead of once per residue")
+    model.add_argument("--context_atoms", type=non_negative_int, default=0,
+                       help="atomic context (LigandMPNN's): a new model reads each residue's this many nearest "
+                            "non-protein heavy atoms (small molecules, metals, nucleic acids kept by the build); 25 "
+                            "as the published models, 0 a residue-only model. A model loaded with "
+                            "--model_name_or_path keeps its own")
     model.add_argument("--model_name_or_path", default=None,
                        help="start from a saved protmask model folder, e.g. converted ProteinMPNN weights, to "
                             "fine-tune it (then the architecture flags are ignored)")

@@ -147,12 +147,14 @@ def agreed(accelerator, decide):
     return value
 
 
-def make_loaders(accelerator, args, dataset, tokenizer):
+def make_loaders(accelerator, args, dataset, tokenizer, with_context: bool = False):
+    """Train and validation loaders; ``with_context`` (a model with atomic context) reads each entry's
+    non-protein atoms too, which crops keep within reach of the kept residues."""
     from ..data.collator import MaskingCollator, ProtMaskProcessor, StructureDataset
     from ..data.sampler import LengthBucketBatchSampler, padded, sampling_clusters
 
-    train_set = StructureDataset(dataset["train"])
-    validation_set = StructureDataset(dataset["validation"])
+    train_set = StructureDataset(dataset["train"], with_atoms=with_context)
+    validation_set = StructureDataset(dataset["validation"], with_atoms=with_context)
     if len(train_set) == 0:
         raise TrainingError(f"the training split of {args.pdb_path} is empty; give more structures or lower "
                             "--validation_fraction / --test_fraction")
@@ -168,10 +170,12 @@ def make_loaders(accelerator, args, dataset, tokenizer):
                   max_examples=args.batch_size if args.max_tokens_per_batch is None else None)
     processor = ProtMaskProcessor(tokenizer, mask_ratio=args.mask_ratio, mask_ratio_max=args.mask_ratio_max,
                                   max_length=args.max_length, objective=args.objective,
-                                  shuffle_chains=args.shuffle_chains, backbone=args.backbone)
+                                  shuffle_chains=args.shuffle_chains, backbone=args.backbone,
+                                  with_context=with_context)
     # Validation masks at the fixed ratio, whatever range training draws from, so numbers stay comparable.
     validation_processor = ProtMaskProcessor(tokenizer, mask_ratio=args.mask_ratio, max_length=args.max_length,
-                                             objective=args.objective, backbone=args.backbone)
+                                             objective=args.objective, backbone=args.backbone,
+                                             with_context=with_context)
     # --sampling cluster: one draw per cluster and epoch, still token-budgeted and length-grouped.
     clusters = (sampling_clusters(sampling_keys(dataset["train"])) if sampling_mode(args, dataset["train"]) == "cluster"
                 else None)
@@ -229,6 +233,7 @@ def build_model(args):
             mask_ratio_max=args.mask_ratio_max, pad_token_id=tokenizer.pad_token_id,
             mask_token_id=tokenizer.mask_token_id, decoder_context=args.decoder_context,
             message_bias_per_neighbor=args.message_bias_per_neighbor, backbone=args.backbone,
+            context_atoms=args.context_atoms,
         )
         model = ProtMaskForMaskedLM(config)
     if model.config.backbone != args.backbone:
@@ -421,7 +426,8 @@ def train(args) -> dict:
     hub = check_hub(accelerator, args)
 
     built = load_data(accelerator, args, say, listing)
-    train_loader, validation_loader, train_sampler = make_loaders(accelerator, args, built.dataset, tokenizer)
+    train_loader, validation_loader, train_sampler = make_loaders(accelerator, args, built.dataset, tokenizer,
+                                                                 with_context=model.config.context_atoms > 0)
     state = initial_state(resume_path, run, train_sampler, accelerator.num_processes, args.gradient_accumulation_steps)
     learning_rate = effective_learning_rate(args, accelerator.num_processes)
     optimizer = build_optimizer(model, args, learning_rate, accelerator.device)
