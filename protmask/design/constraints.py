@@ -53,6 +53,11 @@ class DesignOptions:
     # what the model reads of a residue (its config.backbone): "full" designs residues with N, CA, C and O,
     # "ca" (CA-only models) residues with a CA. The design and score commands set it from the model.
     backbone: str = "full"
+    # membrane-label models (LigandMPNN's): residues in the membrane ("A12,A13", labelled 2) and at its
+    # interface (labelled 1), or one label for every residue (1 transmembrane, 0 soluble)
+    transmembrane_buried: str | None = None
+    transmembrane_interface: str | None = None
+    global_transmembrane_label: int | None = None
 
 
 @dataclass
@@ -218,6 +223,7 @@ def plan_design(structure: Sequence[ProteinChain] | ParsedEntry, options: Design
         raise DesignError(f"--chains {','.join(missing)}: not in the structure (it has {', '.join(index.chain_ids)})")
     example = to_example(chains)
     example.atoms = atoms
+    example.residue_labels = membrane_labels(options, index)
     tokens = np.array(list(example.sequence))
     in_chosen = np.isin(index.chain_of, [index.chain_ids.index(c) for c in chosen])
     usable = has_backbone(example.coords, options.backbone)
@@ -392,6 +398,20 @@ def describe_plan(plan: DesignPlan) -> dict:
         described["tie_weights"] = {index.labels[p]: float(plan.weight[p]) for p in np.flatnonzero(plan.designed)
                                     if plan.weight[p] != 1.0}
     return described
+
+
+def membrane_labels(options: DesignOptions, index: ResidueIndex) -> np.ndarray | None:
+    """LigandMPNN's membrane labels per residue (None when no option sets them): 2 buried, 1 interface, 0
+    neither (or both), or the global label everywhere."""
+    if options.global_transmembrane_label is not None:
+        return np.full(len(index), int(options.global_transmembrane_label), dtype=np.int64)
+    if not (options.transmembrane_buried or options.transmembrane_interface):
+        return None
+    buried, interface = np.zeros(len(index), dtype=bool), np.zeros(len(index), dtype=bool)
+    listed = lambda text: (text or "").replace(" ", ",")  # noqa: E731  (LigandMPNN writes "A12 A13")
+    buried[index.resolve_list(listed(options.transmembrane_buried), "--transmembrane_buried")] = True
+    interface[index.resolve_list(listed(options.transmembrane_interface), "--transmembrane_interface")] = True
+    return (2 * (buried & ~interface) + (interface & ~buried)).astype(np.int64)
 
 
 def format_plan(plan: DesignPlan) -> str:
