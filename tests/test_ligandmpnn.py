@@ -308,3 +308,36 @@ def test_score_and_mutation_scan_read_the_context_and_membrane_labels(ligand_fol
     refused = protmask_cli("score", "--model", ligand_folder, "--pdb", sample_dir / "5vet.pdb.gz",
                            "--global_transmembrane_label", "1", "--output", tmp_path / "no.tsv")
     assert refused.returncode == 2 and "this model has none" in refused.stderr
+
+
+def test_autoregressive_design_draws_from_ligandmpnns_distributions(ligand_models, sample_dir):
+    """Design 19hc's chain A around its hemes (chain B given), then score the design with the package's model
+    in the order it was decoded: the log-probabilities drawn from are the package's."""
+    from protmask.design import DesignOptions, plan_design
+    from protmask.design.decoding import decode
+
+    ours, reference = ligand_models
+    processor = ProtMaskProcessor(ProtMaskTokenizer(), with_context=True)
+    plan = plan_design(parse_entry(sample_dir / "19hc.pdb.gz"), DesignOptions(chains=["A"]))
+    batch = processor([plan.example])
+    width, length = batch["input_ids"].shape[1], len(plan.unit_of)
+    pad = lambda a, v: torch.nn.functional.pad(torch.as_tensor(a), (0, width - length), value=v)[None]  # noqa: E731
+    allowed = torch.tensor(processor.tokenizer.amino_acid_ids)
+    decoded = decode(ours, batch, pad(plan.unit_of, -1), pad(plan.scoring, False), allowed,
+                     processor.tokenizer.mask_token_id, decoding="autoregressive", temperature=0.0,
+                     generator=torch.Generator().manual_seed(4))
+    letters = processor.tokenizer.convert_ids_to_tokens(decoded.tokens[0, :length].tolist())
+    given = np.flatnonzero(~np.pad(plan.designed, (0, width - length)))  # padding included, as decode sees it
+    rank = np.empty(width, dtype=np.int64)
+    rank[given] = torch.randperm(len(given), generator=torch.Generator().manual_seed(4)).numpy()
+    rank = rank[:length]
+    designed = torch.from_numpy(plan.designed)
+    rank[plan.designed] = len(given) + decoded.step[0, :length][designed].numpy()
+    order = torch.from_numpy(np.argsort(rank, kind="stable"))
+    features = wheel_features(batch, "".join(letters), ours.config.context_atoms)
+    features["randn"] = randn_for(order)
+    with torch.no_grad():
+        expected = reference.score(features, use_sequence=True)["log_probs"][0, :, :20].log_softmax(-1)
+    positions = np.flatnonzero(plan.designed)
+    chosen = expected[torch.from_numpy(positions), torch.tensor([PROTEINMPNN_ALPHABET.index(letters[i]) for i in positions])]
+    assert torch.allclose(chosen, decoded.log_prob[0, :length][designed], atol=1e-4)
