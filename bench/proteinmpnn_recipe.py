@@ -42,11 +42,11 @@ VARIANTS = {
     "causal": ["--decoder_context", "causal", "--objective", "autoregressive", "--learning_rate", "1e-3"],
     "masked": ["--learning_rate", "1e-3", "--mask_ratio", "0.15", "--mask_ratio_max", "1.0"],
     # the masked model with ProteinMPNN's optimiser, Noam schedule (its peak for hidden 64), label smoothing
-    # and mask ratios from 0.15 to 1.0
-    "masked_recipe": ["--recipe", "masked"],
-    # the same with each chain's mask ratio drawn from 50 % to 100 %: more scored residues a step, and training
-    # closer to design from structure alone
-    "masked_recipe_high_ratio": ["--recipe", "masked", "--mask_ratio", "0.5"],
+    # and mask ratios from 0.15 to 1.0 (the recipe's first ratio)
+    "masked_recipe": ["--recipe", "masked", "--mask_ratio", "0.15"],
+    # --recipe masked as it is: each chain's mask ratio drawn from 50 % to 100 % (more scored residues a step,
+    # and training closer to design from structure alone)
+    "masked_recipe_high_ratio": ["--recipe", "masked"],
 }
 DESCRIPTIONS = {
     "training_py": "ProteinMPNN's training/training.py model, loss and optimiser on the recipe run's batches",
@@ -54,9 +54,9 @@ DESCRIPTIONS = {
     "recipe_unclipped": "protmask --recipe proteinmpnn --max_grad_norm 0 (no clipping, as ProteinMPNN)",
     "causal": "protmask --decoder_context causal --objective autoregressive, learning rate 1e-3",
     "masked": "protmask masked model, learning rate 1e-3, --mask_ratio_max 1.0 (the earlier from-scratch command)",
-    "masked_recipe": "protmask --recipe masked: the masked model with ProteinMPNN's optimiser, Noam schedule and "
-                     "label smoothing, mask ratio 0.15-1.0",
-    "masked_recipe_high_ratio": "protmask --recipe masked --mask_ratio 0.5: mask ratio 0.5-1.0",
+    "masked_recipe": "protmask --recipe masked --mask_ratio 0.15: the masked model with ProteinMPNN's optimiser, "
+                     "Noam schedule and label smoothing, mask ratio 0.15-1.0",
+    "masked_recipe_high_ratio": "protmask --recipe masked: the same with mask ratio 0.5-1.0 (the recipe's default)",
 }
 
 
@@ -193,7 +193,8 @@ def main() -> None:
     parser.add_argument("--pdb_path", default=default_pdb_path())
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
-                        default=["training_py", "recipe", "recipe_unclipped", "causal", "masked", "masked_recipe"])
+                        default=["training_py", "recipe", "recipe_unclipped", "causal", "masked", "masked_recipe",
+                                 "masked_recipe_high_ratio"])
     parser.add_argument("--keep", action="store_true",
                         help="keep the runs already in --output for the seeds and variants not run now, so one "
                              "table can grow a seed or a variant at a time")

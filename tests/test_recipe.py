@@ -162,15 +162,15 @@ def test_two_ranks_follow_one_ranks_schedule_times_the_square_root_of_two(cache,
 def test_the_masked_recipe_trains_protmasks_model_with_proteinmpnns_optimiser(cache, tmp_path):
     args = parse_arguments(["--recipe", "masked"])
     assert (args.objective, args.decoder_context, args.hidden_dim, args.num_neighbors) == ("masked", "masked", 256, 48)
-    assert (args.mask_ratio, args.mask_ratio_max, args.lr_scheduler_type, args.warmup_steps) == (0.15, 1.0, "noam", 4000)
+    assert (args.mask_ratio, args.mask_ratio_max, args.lr_scheduler_type, args.warmup_steps) == (0.5, 1.0, "noam", 4000)
     assert (args.adam_beta2, args.adam_epsilon, args.lr_scaling, args.shuffle_chains) == (0.98, 1e-9, "sqrt", False)
     assert args.learning_rate == pytest.approx(2 / math.sqrt(256 * 4000))
 
     done = launch(TINY + ["--recipe", "masked", "--warmup_steps", "3", "--cache_dir", cache, "--max_train_steps", "4",
                           "--checkpointing_steps", "4", "--save_dir", tmp_path])
-    assert "recipe masked: --objective masked --decoder_context masked --mask_ratio 0.15 --mask_ratio_max 1" in done.stdout
+    assert "recipe masked: --objective masked --decoder_context masked --mask_ratio 0.5 --mask_ratio_max 1" in done.stdout
     config = json.loads((tmp_path / "final" / "config.json").read_text())
-    assert (config["decoder_context"], config["mask_ratio_max"]) == ("masked", 1.0)
+    assert (config["decoder_context"], config["mask_ratio"], config["mask_ratio_max"]) == ("masked", 0.5, 1.0)
     assert config["label_smoothing"] == pytest.approx(1 / 11)
     optimizer = torch.load(tmp_path / "checkpoint-00000004" / "optimizer.bin", weights_only=True)
     assert all((tuple(g["betas"]), g["eps"]) == ((0.9, 0.98), 1e-9) for g in optimizer["param_groups"])
