@@ -11,14 +11,10 @@ import torch
 from .data.collator import ATOM_COLUMNS, RESIDUE_COLUMNS, Example, ProtMaskProcessor, to_example
 from .design.decoding import decode
 from .design.scoring import CONTEXT, ranked_log_probs
-from .metrics import IGNORE_INDEX, MaskedLMStats
+from .metrics import IGNORE_INDEX, SITE_CUTOFF, MaskedLMStats, binding_sites
 from .residues import has_backbone
 from .structure import ATOM_CLASSES, StructureError, parse_entry
 
-#: A residue is at a binding site of a class (small molecule, metal, nucleotide) when its virtual CB lies within
-#: this distance (Å) of an atom of that class: LigandMPNN's own site definition (its run.py's
-#: --ligand_mpnn_cutoff_for_score, the residues its ligand confidence is computed over).
-SITE_CUTOFF = 8.0
 _CONTEXT_KEYS = ("context_coords", "context_elements", "context_mask")
 
 LENGTH_BUCKETS = (("<100", 0, 100), ("100-300", 100, 301), (">300", 301, 10**9))
@@ -200,17 +196,6 @@ def evaluate(model, processor: ProtMaskProcessor, examples, max_tokens: int = 40
         "site_definition": f"virtual CB within {SITE_CUTOFF:g} Å of a non-protein heavy atom of the class",
         "chains": [{k: v for k, v in row.items() if k != "native"} for row in chain_rows],
     }
-
-
-def binding_sites(batch: dict) -> torch.Tensor:
-    """``[B, L, 3]`` bool: the residue's virtual CB is within `SITE_CUTOFF` of an atom of each class."""
-    from .models.modeling_protmask import BackboneFeatures
-
-    cb = BackboneFeatures.atoms(torch.nan_to_num(batch["coords"].float()))[:, :, 4]
-    near = torch.cdist(cb, batch["context_coords"].float()) < SITE_CUTOFF  # [B, L, M]
-    near &= has_backbone(batch["coords"])[:, :, None] & batch["context_mask"][:, None, :]
-    classes = batch["context_classes"]
-    return torch.stack([(near & (classes == c)[:, None, :]).any(-1) for c in range(len(ATOM_CLASSES))], -1)
 
 
 def residue_detail(example: Example, positions, native, designed, sites, tokenizer) -> dict:

@@ -93,3 +93,45 @@ def summarize(sums) -> dict:
         "tokens": int(tokens),
         "chains": int(chains),
     }
+
+
+#: A residue is at a binding site of a class (small molecule, metal, nucleotide) when its virtual CB lies within
+#: this distance (Å) of an atom of that class: LigandMPNN's own site definition (its run.py's
+#: --ligand_mpnn_cutoff_for_score, the residues its ligand confidence is computed over).
+SITE_CUTOFF = 8.0
+SITE_CLASSES = ("small_molecule", "metal", "nucleotide")  # structure.ATOM_CLASSES, by index
+
+
+def binding_sites(batch: dict) -> torch.Tensor:
+    """``[B, L, 3]`` bool: the residue has a backbone and its virtual CB is within `SITE_CUTOFF` of a context
+    atom of each class (the batch's ``context_coords``, ``context_mask``, ``context_classes``)."""
+    from .models.modeling_protmask import BackboneFeatures
+
+    coords = batch["coords"].float()
+    complete = torch.isfinite(coords).all(-1).all(-1)
+    cb = BackboneFeatures.atoms(torch.nan_to_num(coords))[:, :, 4]
+    near = torch.cdist(cb, batch["context_coords"].float()) < SITE_CUTOFF  # [B, L, M]
+    near &= complete[:, :, None] & batch["context_mask"].bool()[:, None, :]
+    classes = batch["context_classes"]
+    return torch.stack([(near & (classes == c)[:, None, :]).any(-1) for c in range(len(SITE_CLASSES))], -1)
+
+
+class SiteStats:
+    """Teacher-forced accuracy at binding sites, per class: scored residues at a site and those right."""
+
+    def __init__(self, device="cpu"):
+        self.sums = torch.zeros(2, len(SITE_CLASSES), dtype=torch.float64, device=device)
+
+    def update(self, logits: torch.Tensor, batch: dict) -> None:
+        sites = binding_sites(batch) & (batch["labels"] != IGNORE_INDEX)[..., None]
+        hits = (logits.argmax(-1) == batch["labels"])[..., None] & sites
+        self.sums += torch.stack([sites.sum((0, 1)), hits.sum((0, 1))]).to(self.sums)
+
+    def reduce(self, accelerator=None) -> dict:
+        sums = accelerator.reduce(self.sums, reduction="sum") if accelerator is not None else self.sums
+        out = {}
+        for i, name in enumerate(SITE_CLASSES):
+            total, right = float(sums[0, i]), float(sums[1, i])
+            out[f"site_residues_{name}"] = int(total)
+            out[f"site_accuracy_{name}"] = right / total if total else float("nan")
+        return out

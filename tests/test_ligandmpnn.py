@@ -14,7 +14,9 @@ import torch
 from conftest import read_fasta
 from protmask import ProtMaskProcessor, ProtMaskTokenizer, parse_entry
 from protmask.data.collator import to_example
+from protmask.metrics import SITE_CLASSES
 from protmask.models.context import periodic_table
+from protmask.structure import ATOM_CLASSES
 from protmask.models.convert_ligandmpnn import convert_ligandmpnn, resolve_checkpoint
 from protmask.models.convert_proteinmpnn import PROTEINMPNN_ALPHABET, ConversionError, read_checkpoint
 
@@ -132,6 +134,10 @@ def test_every_published_family_converts_and_the_packer_is_refused(sample_dir):
         convert_ligandmpnn("ligandmpnn_sc_v_32_002_16")
 
 
+def test_site_classes_are_the_parsers_atom_classes():
+    assert SITE_CLASSES == ATOM_CLASSES
+
+
 def test_periodic_table_is_ligandmpnns():
     model_utils, _ = wheel_modules()
     table = model_utils.ProteinFeaturesLigand(128, 128, atom_context_num=25).periodic_table_features
@@ -230,7 +236,7 @@ def test_evaluate_reports_recovery_at_known_binding_sites(ligand_folder, sample_
 def test_a_context_model_trains_from_scratch_on_two_ranks_and_resumes_exactly(cache, tmp_path):
     """ProteinMPNN's objective with 4 context atoms per residue, from the sample's entries (hemes, retinal, a
     steroid, RNA, zinc among them), interrupted and resumed on 2 ranks: the same weights as uninterrupted."""
-    from runner import TINY, launch, max_difference, weights
+    from runner import TINY, launch, max_difference, records, weights
 
     common = TINY + ["--context_atoms", "4", "--decoder_context", "causal", "--objective", "autoregressive",
                      "--cache_dir", cache, "--max_tokens_per_batch", "1024", "--learning_rate", "1e-3",
@@ -244,6 +250,9 @@ def test_a_context_model_trains_from_scratch_on_two_ranks_and_resumes_exactly(ca
     assert max_difference(weights(tmp_path / "parts"), weights(tmp_path / "whole")) == 0.0
     config = json.loads((tmp_path / "whole" / "final" / "config.json").read_text())
     assert config["context_atoms"] == 4
+    validation = records(tmp_path / "whole", "validation")[-1]  # with accuracy at binding sites, per class
+    assert {f"site_accuracy_{name}" for name in ATOM_CLASSES} <= set(validation)
+    assert sum(validation[f"site_residues_{name}"] for name in ATOM_CLASSES) > 0
     early = weights(tmp_path / "whole", "checkpoint-00000002")
     late = weights(tmp_path / "whole")
     # Atom-type and atom-pair weights get gradients only through real atoms (padding is masked out).

@@ -325,12 +325,14 @@ def evaluate(accelerator, model, loader, beat=lambda where: None) -> dict:
     """Validation on fixed masks. Each rank sums over its own batches (padding batches are empty, so no
     example is seen twice) and the sums are reduced once. The unwrapped model runs: no DDP collectives, so
     ranks may hold different numbers of non-empty batches."""
-    from ..metrics import MaskedLMStats
+    from ..metrics import MaskedLMStats, SiteStats
 
     network = accelerator.unwrap_model(model)
     was_training = network.training
     network.eval()
     stats = MaskedLMStats(device=accelerator.device)
+    # A model with atomic context: accuracy at binding sites too (the batches carry the atoms).
+    sites = SiteStats(device=accelerator.device) if network.config.context_atoms else None
     with torch.no_grad():
         for number, batch in enumerate(loader):
             beat(f"validation batch {number}")
@@ -339,8 +341,10 @@ def evaluate(accelerator, model, loader, beat=lambda where: None) -> dict:
             with accelerator.autocast():
                 logits = network(**{k: v for k, v in batch.items() if k != "labels"}).logits
             stats.update(logits, batch["labels"], batch["chain_index"])
+            if sites is not None:
+                sites.update(logits, batch)
     network.train(was_training)
-    return stats.reduce(accelerator)
+    return {**stats.reduce(accelerator), **(sites.reduce(accelerator) if sites is not None else {})}
 
 
 def parameters_in_sync(accelerator, model) -> bool:
