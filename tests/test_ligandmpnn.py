@@ -3,7 +3,6 @@
 
 import gzip
 import json
-import subprocess
 import sys
 import types
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from conftest import read_fasta
+from runner import protmask_cli
 from protmask import ProtMaskProcessor, ProtMaskTokenizer, parse_entry
 from protmask.data.collator import to_example
 from protmask.metrics import SITE_CLASSES
@@ -146,11 +146,6 @@ def test_periodic_table_is_ligandmpnns():
     assert np.all(group[table.shape[1]:].numpy() == 0)
 
 
-def protmask_cli(*args):
-    return subprocess.run([sys.executable, "-m", "protmask.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=900)
-
-
 @pytest.fixture(scope="module")
 def ligand_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "ligandmpnn_v_32_010_25"
@@ -236,18 +231,12 @@ def test_evaluate_reports_recovery_at_known_binding_sites(ligand_folder, sample_
 def test_a_context_model_trains_from_scratch_on_two_ranks_and_resumes_exactly(cache, tmp_path):
     """ProteinMPNN's objective with 4 context atoms per residue, from the sample's entries (hemes, retinal, a
     steroid, RNA, zinc among them), interrupted and resumed on 2 ranks: the same weights as uninterrupted."""
-    from runner import TINY, launch, max_difference, records, weights
+    from runner import TINY, records, resumed_equals_uninterrupted, weights
 
     common = TINY + ["--context_atoms", "4", "--decoder_context", "causal", "--objective", "autoregressive",
                      "--cache_dir", cache, "--max_tokens_per_batch", "1024", "--learning_rate", "1e-3",
                      "--checkpointing_steps", "2"]
-    whole = launch(common + ["--max_train_steps", "4", "--save_dir", tmp_path / "whole"], launcher="accelerate")
-    assert "world size: 2 process(es)" in whole.stdout
-    launch(common + ["--max_train_steps", "2", "--save_dir", tmp_path / "parts"], launcher="accelerate")
-    resumed = launch(common + ["--max_train_steps", "4", "--save_dir", tmp_path / "parts",
-                               "--resume_from_checkpoint", "latest"], launcher="accelerate")
-    assert "resumed from" in resumed.stdout
-    assert max_difference(weights(tmp_path / "parts"), weights(tmp_path / "whole")) == 0.0
+    resumed_equals_uninterrupted(common, tmp_path)
     config = json.loads((tmp_path / "whole" / "final" / "config.json").read_text())
     assert config["context_atoms"] == 4
     validation = records(tmp_path / "whole", "validation")[-1]  # with accuracy at binding sites, per class

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from protmask.training.arguments import build_parser
 from protmask.training.loop import effective_learning_rate, list_checkpoints
 from runner import (BIN, RESUME, ROOT, SCRIPT, TINY, free_port, launch, max_difference, rank_processes, records,
-                    wait_for_training, weights)
+                    resumed_equals_uninterrupted, wait_for_training, weights)
 
 
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(cache, tmp_path):
@@ -267,13 +267,7 @@ def test_fine_tuning_converted_proteinmpnn_on_two_ranks_resumes_exactly(cache, t
     common = ["--model_name_or_path", tmp_path / "v_48_020", "--objective", "autoregressive", "--cache_dir", cache,
               "--max_length", "128", "--max_tokens_per_batch", "1024", "--num_workers", "0", "--logging_steps", "1",
               "--learning_rate", "1e-4", "--checkpointing_steps", "2"]
-    whole = launch(common + ["--max_train_steps", "4", "--save_dir", tmp_path / "whole"], launcher="accelerate")
-    assert "world size: 2 process(es)" in whole.stdout
-    launch(common + ["--max_train_steps", "2", "--save_dir", tmp_path / "parts"], launcher="accelerate")
-    resumed = launch(common + ["--max_train_steps", "4", "--save_dir", tmp_path / "parts",
-                               "--resume_from_checkpoint", "latest"], launcher="accelerate")
-    assert "resumed from" in resumed.stdout
-    assert max_difference(weights(tmp_path / "parts"), weights(tmp_path / "whole")) == 0.0
+    resumed_equals_uninterrupted(common, tmp_path)
     published = load_file(str(tmp_path / "v_48_020" / "model.safetensors"))
     assert max_difference(weights(tmp_path / "whole"), published) > 0.0  # it did train
     config = json.loads((tmp_path / "whole" / "final" / "config.json").read_text())
