@@ -315,3 +315,25 @@ def test_a_20000_residue_entry_trains_with_the_default_flags(tmp_path):
     assert run["giant_residues"] >= 20000
     assert any("batch per device: 8 examples" in line for line in run["run"])
     assert run["training_peak_rss_mb"] < 8000  # the stated bound: fits an 8 GB-class device
+
+
+def test_a_worker_forked_before_it_ignores_signals_leaves_them_to_its_rank():
+    """A launcher's SIGTERM to the process group can reach a parse or loader worker between its fork and its
+    initializer, while it still has the rank's handler: it must neither print the rank's notice nor exit."""
+    from protmask.training.preemption import PreemptionWatch
+
+    watch = PreemptionWatch().install()
+    try:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker, before any initializer
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)  # a different signal would make the rank stop at once
+            os.write(write, b"requested" if watch.requested else b"alive")
+            os._exit(0)
+        os.close(write)
+        _, status = os.waitpid(pid, 0)
+        assert os.read(read, 16) == b"alive" and os.waitstatus_to_exitcode(status) == 0
+        assert not watch.requested
+    finally:
+        watch.uninstall()

@@ -43,6 +43,7 @@ class PreemptionWatch:
         self.window = repeat_window() if window is None else window
         self.first: tuple[int, float] | None = None  # (signal, monotonic time) of the request
         self._previous = {}
+        self._owner = os.getpid()
 
     @property
     def requested(self) -> bool:
@@ -50,6 +51,7 @@ class PreemptionWatch:
 
     def install(self) -> "PreemptionWatch":
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._owner = os.getpid()
             self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
         return self
 
@@ -59,6 +61,10 @@ class PreemptionWatch:
         self._previous = {}
 
     def _handle(self, number, frame) -> None:
+        if os.getpid() != self._owner:
+            # A forked worker (parse pool, loader) signalled before its initializer ignores stop signals: it
+            # inherited this handler, but the request is the rank's, which receives the signal itself.
+            return
         name = signal.Signals(number).name
         if self.first is not None:
             first, at = self.first
