@@ -133,3 +133,17 @@ def write_giant_complex(path, residues: int, source=None) -> int:
     writer.set_structure(structure)
     writer.save(str(path))
     return copies * len(protein)
+
+
+def train_protmask(dataset: str, argv: list, output) -> dict:
+    """``train_accelerate.py --pdb_path DATASET ARGV --save_dir OUTPUT`` in a process of its own: its wall time,
+    and the recipe expansion it printed."""
+    import time
+
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, str(ROOT / "train_accelerate.py"), "--pdb_path", dataset, *argv,
+                           "--save_dir", str(output)], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return {"train_seconds": round(time.perf_counter() - started, 1),
+            "recipe": [line for line in done.stdout.splitlines() if line.startswith("recipe ")]}

@@ -15,10 +15,9 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import ROOT, default_pdb_path, emit, machine
+from common import ROOT, default_pdb_path, emit, machine, train_protmask
 
 #: The from-scratch pair: ProteinMPNN's recipe and objective at the recipe benchmark's size (hidden 64, 16
 #: neighbours, 2 + 2 layers, 2000-residue batches, crop 300), the one difference being the context atoms.
@@ -34,15 +33,6 @@ VARIANTS = {
     "scratch_blind": SCRATCH + ["--context_atoms", "0"],
     "finetune_ligandmpnn": FINETUNE,
 }
-
-
-def train(dataset: str, argv: list[str], output: Path) -> float:
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, str(ROOT / "train_accelerate.py"), "--pdb_path", dataset, *argv,
-                           "--save_dir", str(output)], capture_output=True, text=True, cwd=ROOT)
-    if done.returncode != 0:
-        raise SystemExit(f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return round(time.perf_counter() - started, 1)
 
 
 def evaluate(dataset: str, model: Path, output: Path) -> dict:
@@ -76,7 +66,7 @@ def run(variant: str, seed: int, steps: int, dataset: str, work: Path) -> dict:
         argv += ["--model_name_or_path", str(start)]
         result["before"] = evaluate(dataset, start, work / "before.json")
     output = work / f"{variant}-seed{seed}"
-    result["train_seconds"] = train(dataset, argv, output)
+    result["train_seconds"] = train_protmask(dataset, argv, output)["train_seconds"]
     result["after" if variant == "finetune_ligandmpnn" else "test"] = evaluate(dataset, output / "final",
                                                                               output / "test_metrics.json")
     return result

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, default_pdb_path, emit, find_reference, machine, reference_inputs
+from common import ROOT, default_pdb_path, emit, find_reference, machine, reference_inputs, train_protmask
 
 #: The comparison's size and budget: the shared set's training split, hidden 64, 16 neighbours, 2 + 2 layers,
 #: 300 steps of 2000-residue batches, crop 300, warm-up 30 steps, 0.02 A noise.
@@ -125,16 +125,6 @@ def train_reference(reference: Path, dataset: str, argv: list[str], output: Path
 
 
 # ------------------------------------------------------------------------------------------- protmask's runs
-
-def train_protmask(dataset: str, argv: list[str], output: Path) -> dict:
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, str(ROOT / "train_accelerate.py"), "--pdb_path", dataset, *argv,
-                           "--save_dir", str(output)], capture_output=True, text=True, cwd=ROOT)
-    if done.returncode != 0:
-        raise SystemExit(f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return {"train_seconds": round(time.perf_counter() - started, 1),
-            "recipe": [line for line in done.stdout.splitlines() if line.startswith("recipe ")]}
-
 
 def evaluate(dataset: str, model: Path, decoding: str) -> dict:
     output = model.parent / f"test_metrics_{decoding}.json"
