@@ -56,7 +56,7 @@ def load_model_for(command: str, args):
         return None
 
 
-def add_context_arguments(parser) -> None:
+def add_context_arguments(parser, side_chains: bool = False) -> None:
     """Atomic context: what a model with context_atoms (LigandMPNN's) reads of a structure's other atoms."""
     group = parser.add_argument_group("atomic context (models with context atoms, e.g. convert-ligandmpnn's)")
     group.add_argument("--context", choices=("on", "off"), default="on",
@@ -67,6 +67,21 @@ def add_context_arguments(parser) -> None:
     group.add_argument("--context_residues", default=None,
                        help="only these groups count as context, by residue name or chain and number, e.g. "
                             "HEM,ZN or A301 (leaves out crystallisation additives such as GOL or SO4)")
+    if side_chains:
+        group.add_argument("--side_chain_context", action="store_true",
+                           help="the side chains of the residues not designed (fixed residues, context chains) join "
+                                "each residue's context atoms, as LigandMPNN's --ligand_mpnn_use_side_chain_context 1; "
+                                "the designed residues' own stay hidden")
+
+
+def side_chain_options(args) -> dict:
+    """--side_chain_context as a DesignOptions field; refused for a model without atomic context."""
+    from .design import DesignError
+
+    if getattr(args, "side_chain_context", False) and not model_setting(args.model, "context_atoms", 0):
+        raise DesignError("--side_chain_context adds side-chain atoms to a model's atomic context; this model has "
+                          "none (convert one with `protmask convert-ligandmpnn --checkpoint ligandmpnn_v_32_010_25`)")
+    return {"side_chain_context": getattr(args, "side_chain_context", False)}
 
 
 def add_membrane_arguments(parser) -> None:
@@ -101,7 +116,7 @@ def read_structure(source, args, model_has_context: bool):
     choice = ContextChoice.from_args(args)
     if not (model_has_context or choice.filtered):
         return parse_structure(source)
-    entry = parse_entry(source)
+    entry = parse_entry(source, side_chains=getattr(args, "side_chain_context", False))
     return ParsedEntry(chains=entry.chains, atoms=choose_context_atoms(entry.atoms, choice, source),
                        entry_id=entry.entry_id)
 
@@ -194,7 +209,8 @@ def design_options(args):
         bias_aa=args.bias_aa,
         bias=read_json_option(args.bias_file, "--bias_file") if args.bias_file else None,
         omit=read_json_option(args.omit_file, "--omit_file") if args.omit_file else None,
-        backbone=model_backbone(args.model), **pssm_options(args), **membrane_options(args))
+        backbone=model_backbone(args.model), **pssm_options(args), **membrane_options(args),
+        **side_chain_options(args))
 
 
 def pssm_options(args) -> dict:
@@ -237,7 +253,7 @@ def design_parser():
     parser.add_argument("--pdb", nargs="+",
                         help="structure files (.pdb, .cif, .ent, optionally .gz), folders of them, or list files")
     add_design_control_arguments(parser)
-    add_context_arguments(parser)
+    add_context_arguments(parser, side_chains=True)
     add_membrane_arguments(parser)
     add_proteinmpnn_input_arguments(parser)
     parser.add_argument("--states", nargs="+", default=None,
@@ -484,7 +500,7 @@ def score_parser():
                             "as one mutation)")
     parser.add_argument("--output", required=True, help="TSV (scores) or CSV (--mutation_scan) to write")
     parser.add_argument("--device", default=None)
-    add_context_arguments(parser)
+    add_context_arguments(parser, side_chains=True)
     add_membrane_arguments(parser)
     return parser
 
@@ -520,7 +536,7 @@ def score_command(argv) -> int:
     try:
         base = DesignOptions(chains=args.chains.split(",") if args.chains else None, tie=args.tie,
                              homo_oligomer=args.homo_oligomer, backbone=model_backbone(args.model),
-                             **membrane_options(args))
+                             **membrane_options(args), **side_chain_options(args))
         sequences = read_fasta_records(args.sequences) if args.sequences else None
         with_context = model_setting(args.model, "context_atoms", 0) > 0
         for name, source in structures:

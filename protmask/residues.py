@@ -1,5 +1,5 @@
 """The amino-acid alphabet, three-letter to one-letter mapping (modified residues to their parent) and
-backbone atom order."""
+backbone and side-chain atom order."""
 
 from Bio.Data.PDBData import protein_letters_3to1_extended
 
@@ -12,6 +12,13 @@ BACKBONE_ATOMS = ("N", "CA", "C", "O")
 #: What a model reads of each residue (``ProtMaskConfig.backbone``), as columns of ``coords``: every backbone
 #: atom, or the CA alone (ProteinMPNN's CA-only models, for CA traces and coarse models).
 BACKBONE_COLUMNS = {"full": (0, 1, 2, 3), "ca": (1,)}
+#: Side-chain heavy atoms beyond CB, in the order of the 37-atom representation after its first five (N, CA,
+#: C, CB, O). This is what LigandMPNN's side-chain context reads of a residue (its parser never fills the
+#: 37th slot, OXT, so neither is it here). Each atom's element is its name's first letter.
+SIDE_CHAIN_ATOMS = ("CG", "CG1", "CG2", "OG", "OG1", "SG", "CD", "CD1", "CD2", "ND1", "ND2", "OD1", "OD2", "SD",
+                    "CE", "CE1", "CE2", "CE3", "NE", "NE1", "NE2", "OE1", "OE2", "CH2", "NH1", "NH2", "OH", "CZ",
+                    "CZ2", "CZ3", "NZ")
+SIDE_CHAIN_ELEMENTS = tuple({"C": 6, "N": 7, "O": 8, "S": 16}[name[0]] for name in SIDE_CHAIN_ATOMS)
 
 
 def has_backbone(coords, backbone: str = "full"):

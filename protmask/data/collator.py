@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..metrics import IGNORE_INDEX
-from ..residues import atomic_number, has_backbone
+from ..residues import SIDE_CHAIN_ATOMS, atomic_number, has_backbone
 from ..models.tokenization_protmask import ProtMaskTokenizer
 from ..structure import ContextAtoms, ParsedEntry, ProteinChain
 
@@ -45,6 +45,7 @@ class Example:
     residue_numbers: np.ndarray  # int [L]
     atoms: ContextAtoms | None = None  # the entry's other heavy atoms, when the source carries them
     residue_labels: np.ndarray | None = None  # int [L]: a class per residue, for models with residue labels
+    side_chains: np.ndarray | None = None  # float32 [L, 31, 3], NaN where absent: side-chain context atoms
 
     def __len__(self) -> int:
         return len(self.sequence)
@@ -70,6 +71,8 @@ def to_example(item: Any) -> Example:
             chain_ids=[c.chain_id for c in item],
             chain_lengths=[len(c) for c in item],
             residue_numbers=np.concatenate([c.residue_numbers for c in item]),
+            side_chains=(np.concatenate([c.side_chains for c in item])
+                         if all(c.side_chains is not None for c in item) else None),
         )
     if isinstance(item, Mapping):
         sequence = str(item["sequence"])
@@ -160,8 +163,13 @@ def crop(example: Example, max_length: int, rng: np.random.Generator) -> tuple[E
         chain_lengths=[int((chain_of == i).sum()) for i in kept_chains],
         residue_numbers=example.residue_numbers[keep],
         atoms=None if example.atoms is None else atoms_near(example.atoms, example.coords[keep]),
+        residue_labels=_rows(example.residue_labels, keep), side_chains=_rows(example.side_chains, keep),
     )
     return cropped, keep
+
+
+def _rows(per_residue: np.ndarray | None, index: np.ndarray) -> np.ndarray | None:
+    return None if per_residue is None else per_residue[index]
 
 
 def permute_chains(example: Example, order: Sequence[int]) -> Example:
@@ -171,7 +179,8 @@ def permute_chains(example: Example, order: Sequence[int]) -> Example:
     return Example(name=example.name, sequence="".join(example.sequence[i] for i in index),
                    coords=example.coords[index], chain_ids=[example.chain_ids[c] for c in order],
                    chain_lengths=[example.chain_lengths[c] for c in order],
-                   residue_numbers=example.residue_numbers[index], atoms=example.atoms)
+                   residue_numbers=example.residue_numbers[index], atoms=example.atoms,
+                   residue_labels=_rows(example.residue_labels, index), side_chains=_rows(example.side_chains, index))
 
 
 def mask_chains(
@@ -350,6 +359,8 @@ class ProtMaskProcessor:
             batch["decoding_rank"] = decoding_rank
         if self.with_context:
             batch.update(context_arrays([example.atoms for example, *_ in rows]))
+            if any(example.side_chains is not None for example, *_ in rows):
+                batch.update(side_chain_arrays([example.side_chains for example, *_ in rows], width))
         if positions is not None:
             batch["positions"] = positions
         if any(example.residue_labels is not None for example, *_ in rows):
@@ -386,6 +397,19 @@ def context_arrays(atoms: Sequence[ContextAtoms | None]) -> dict[str, np.ndarray
         coords[b, :n], elements[b, :n], classes[b, :n], mask[b, :n] = xyz, numbers, kinds, True
     # context_classes (index into structure.ATOM_CLASSES, -1 padding) is for site metrics; models ignore it.
     return {"context_coords": coords, "context_elements": elements, "context_mask": mask, "context_classes": classes}
+
+
+def side_chain_arrays(side_chains: Sequence[np.ndarray | None], width: int) -> dict[str, np.ndarray]:
+    """``side_chain_coords`` ``[B, W, 31, 3]`` (0 where absent) and ``side_chain_mask`` ``[B, W, 31]``: the
+    side-chain atoms a context model may read (an example without them has none)."""
+    coords = np.zeros((len(side_chains), width, len(SIDE_CHAIN_ATOMS), 3), dtype=np.float32)
+    mask = np.zeros(coords.shape[:3], dtype=bool)
+    for b, atoms in enumerate(side_chains):
+        if atoms is not None:
+            present = np.isfinite(atoms).all(-1)
+            coords[b, :len(atoms)] = np.where(present[..., None], atoms, 0.0)
+            mask[b, :len(atoms)] = present
+    return {"side_chain_coords": coords, "side_chain_mask": mask}
 
 
 class StructureDataset(torch.utils.data.Dataset):

@@ -58,6 +58,9 @@ class DesignOptions:
     transmembrane_buried: str | None = None
     transmembrane_interface: str | None = None
     global_transmembrane_label: int | None = None
+    # atomic-context models: the side chains of the residues not designed join the context (LigandMPNN's
+    # --ligand_mpnn_use_side_chain_context 1); needs a structure parsed with its side chains
+    side_chain_context: bool = False
 
 
 @dataclass
@@ -296,6 +299,7 @@ def plan_design(structure: Sequence[ProteinChain] | ParsedEntry, options: Design
         bias[members] = bias[members].sum(0)  # a residue's own bias applies to the group that decides it
         tied_groups.append(members.tolist())
     scoring = designed & usable
+    example.side_chains = _side_chain_context(options, example, designed)
 
     unit_of = np.full(len(index), -1, dtype=np.int64)
     for number, members in enumerate(tied_groups):
@@ -308,6 +312,19 @@ def plan_design(structure: Sequence[ProteinChain] | ParsedEntry, options: Design
     profile = _profile(options, index, chosen, notes)
     return DesignPlan(chains, index, example, chosen, tokens, designed, scoring, unit_of, fixed, bias, tied_groups,
                       notes, weight, profile, usable)
+
+
+def _side_chain_context(options: DesignOptions, example, designed: np.ndarray):
+    """The side chains a context model reads: those of the residues not designed (a designed residue's own
+    side chain would give its identity away), or none without ``side_chain_context``."""
+    if not options.side_chain_context:
+        return None
+    if example.side_chains is None:
+        raise DesignError("--side_chain_context reads side-chain atoms from the structure file, and this structure "
+                          "has none (a JSONL entry or chains given without them): give the PDB / mmCIF file")
+    side_chains = example.side_chains.copy()
+    side_chains[designed] = np.nan
+    return side_chains
 
 
 def _profile(options: DesignOptions, index: ResidueIndex, chosen: Sequence[str], notes: list[str]):
@@ -446,5 +463,10 @@ def format_plan(plan: DesignPlan) -> str:
         from .context import describe_context
 
         lines.append(f"  {describe_context(plan.example.atoms)}")
+    if plan.example.side_chains is not None:
+        present = np.isfinite(plan.example.side_chains).all(-1)
+        residues = present.any(-1)
+        lines.append(f"  side-chain context: {int(present.sum())} side-chain atoms of {int(residues.sum())} residues "
+                     f"not designed (designed residues' own side chains hidden)")
     lines += [f"  note: {note}" for note in description["notes"]]
     return "\n".join(lines)

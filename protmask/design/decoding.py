@@ -30,8 +30,9 @@ class DecodedSequences:
     step: torch.Tensor
 
 
-#: Batch entries the structure encoder reads besides the backbone: context atoms and residue labels.
-STRUCTURE_EXTRAS = ("context_coords", "context_elements", "context_mask", "residue_labels")
+#: Batch entries the structure encoder reads besides the backbone: context atoms, residue labels, side chains.
+STRUCTURE_EXTRAS = ("context_coords", "context_elements", "context_mask", "residue_labels", "side_chain_coords",
+                    "side_chain_mask")
 
 
 def encode(model, batch: dict):

@@ -14,7 +14,7 @@ from ..residues import AMINO_ACIDS
 from .constraints import DesignOptions, DesignPlan, plan_design
 from .decoding import decode, encode
 from .scoring import ALWAYS_HIDDEN, CONTEXT, ranked_log_probs
-from ..structure import parse_structure
+from ..structure import ParsedEntry, parse_entry, parse_structure
 
 #: The residues that are not designed are scored for the global score in this many seeded blocks, each
 #: seeing the blocks before it (ProteinMPNN decodes them one at a time; blocks keep it to a few passes).
@@ -98,16 +98,20 @@ def resolve_model_folder(path) -> tuple[str, Path | None]:
 def design_sequences(model, processor, pdb, chains=None, fix=None, fill=None, num_samples: int = 1,
                      temperature: float = 0.1, seed: int = 0, rounds: int = 10, decoding: str = "mask_predict",
                      **controls) -> DesignResult:
-    """Design sequences for chains of a structure file (or a list of `ProteinChain`).
+    """Design sequences for chains of a structure file (or a list of `ProteinChain`, or a `ParsedEntry`).
 
     ``chains`` picks the chains to design (default all; the others stay visible as context). ``fix`` keeps
     native residues (``"A1-10,A45"``). ``fill`` is a sequence for the designed chains (joined with "/",
     or without separators) where ``_`` marks the positions to fill. ``controls`` are the other fields of
-    `DesignOptions`: ``tie``, ``homo_oligomer``, ``omit_aa``, ``bias_aa``, ``bias``, ``omit``. Residues
+    `DesignOptions`: ``tie``, ``homo_oligomer``, ``omit_aa``, ``bias_aa``, ``bias``, ``omit``, ``side_chain_context``. Residues
     without a complete backbone cannot be designed and keep their native letter unless tied to one that can.
     ``decoding`` is ``mask_predict`` (``rounds`` rounds) or ``autoregressive``. Deterministic for a seed.
     """
-    structure = parse_structure(pdb) if isinstance(pdb, (str, Path)) else list(pdb)
+    if isinstance(pdb, (str, Path)):  # a context model reads the file's other atoms (and side chains if asked)
+        structure = (parse_entry(pdb, side_chains=bool(controls.get("side_chain_context")))
+                     if model.config.context_atoms else parse_structure(pdb))
+    else:
+        structure = pdb if isinstance(pdb, ParsedEntry) else list(pdb)
     plan = plan_design(structure, DesignOptions(chains=chains, fix=fix, fill=fill, backbone=model.config.backbone,
                                                 **controls))
     return design_plan(model, processor, plan, num_samples, temperature, seed, rounds, decoding)

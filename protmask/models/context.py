@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..residues import SIDE_CHAIN_ELEMENTS
 from .configuration_protmask import ProtMaskConfig
 
 #: Atom types: the atomic number, 0 for an unknown element or padding (one-hot over 0 … 119).
@@ -75,6 +76,33 @@ def nearest_context_atoms(cb: torch.Tensor, context_coords: torch.Tensor, contex
     coords = context_coords[rows, index] * mask[..., None]
     elements = context_elements.long()[rows, index] * mask
     return coords, elements, mask
+
+
+#: Side-chain context reads the side chains of each residue's 16 nearest residues by CA (itself first), as
+#: LigandMPNN does; the nearest ``context_atoms`` of those atoms and the non-protein ones are the context.
+SIDE_CHAIN_NEIGHBORS = 16
+
+
+def nearest_with_side_chains(cb: torch.Tensor, selected, side_chain_coords: torch.Tensor,
+                             side_chain_mask: torch.Tensor, neighbor_index: torch.Tensor, count: int):
+    """The ``count`` atoms nearest each residue's CB among its selected non-protein atoms (`nearest_context_atoms`)
+    and the side-chain atoms (``[B, L, S, 3]``, mask ``[B, L, S]``) of its `SIDE_CHAIN_NEIGHBORS` nearest
+    residues (``neighbor_index`` ``[B, L, K]``, nearest first)."""
+    nearest = neighbor_index[:, :, :SIDE_CHAIN_NEIGHBORS]
+    batch, length, neighbors = nearest.shape
+    rows = torch.arange(batch, device=cb.device)[:, None, None]
+    side_coords = side_chain_coords.float()[rows, nearest].reshape(batch, length, -1, 3)
+    side_mask = side_chain_mask.bool()[rows, nearest].reshape(batch, length, -1)
+    elements = torch.tensor(SIDE_CHAIN_ELEMENTS, device=cb.device).repeat(neighbors).expand(batch, length, -1)
+    atoms, atom_elements, atom_mask = selected
+    # Side chains first, then the other atoms, as LigandMPNN concatenates them (the order breaks exact ties).
+    coords = torch.cat([side_coords, atoms], 2)
+    mask = torch.cat([side_mask, atom_mask], 2)
+    squared = (cb[:, :, None, :] - coords).square().sum(-1).masked_fill(~mask, _FAR)
+    _, index = squared.topk(count, dim=-1, largest=False)
+    mask = mask.gather(2, index)
+    coords = coords.gather(2, index[..., None].expand(-1, -1, -1, 3)) * mask[..., None]
+    return coords, torch.cat([elements, atom_elements], 2).gather(2, index) * mask, mask
 
 
 def radial_basis(distance: torch.Tensor, config: ProtMaskConfig) -> torch.Tensor:
@@ -162,11 +190,17 @@ class ContextEncoder(nn.Module):
         self.output_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def select(self, clean_atoms, context_coords, context_elements, context_mask):
-        """The nearest atoms of each residue, chosen on the coordinates as given (before any training noise)."""
+    def select(self, clean_atoms, context_coords, context_elements, context_mask, neighbor_index=None,
+               side_chains=None):
+        """The nearest atoms of each residue, chosen on the coordinates as given (before any training noise).
+        ``side_chains``: (coordinates ``[B, L, S, 3]``, mask ``[B, L, S]``) of side-chain atoms that may join
+        the context, each residue choosing among those of its nearest residues in ``neighbor_index``."""
         with torch.autocast(device_type=clean_atoms.device.type, enabled=False):
-            return nearest_context_atoms(clean_atoms[:, :, 4].float(), context_coords.float(),
-                                         context_elements, context_mask, self.count)
+            cb = clean_atoms[:, :, 4].float()
+            selected = nearest_context_atoms(cb, context_coords.float(), context_elements, context_mask, self.count)
+            if side_chains is None:
+                return selected
+            return nearest_with_side_chains(cb, selected, *side_chains, neighbor_index, self.count)
 
     def forward(self, node_states, node_mask, residue_atoms, selected):
         """``residue_atoms`` ``[B, L, 5, 3]`` as the structure encoder saw them (noised in training);

@@ -433,21 +433,24 @@ class ProtMaskModel(ProtMaskPreTrainedModel):
 
     def encode_structure(self, coords, attention_mask=None, residue_index=None, chain_index=None,
                          context_coords=None, context_elements=None, context_mask=None,
-                         residue_labels=None) -> StructureEncoding:
+                         residue_labels=None, side_chain_coords=None, side_chain_mask=None) -> StructureEncoding:
         """Run the structure encoder once; the result can be decoded many times with different sequences.
 
         ``context_*``: the example's non-protein heavy atoms (``[B, M, 3]``, atomic numbers ``[B, M]``, mask
         ``[B, M]``), read by models with ``config.context_atoms``; without them such a model sees no atoms.
         ``residue_labels`` ``[B, L]``: class per residue for models with ``config.residue_label_classes``
-        (0 where unlabelled)."""
+        (0 where unlabelled). ``side_chain_coords`` ``[B, L, 31, 3]`` and ``side_chain_mask`` ``[B, L, 31]``:
+        side-chain atoms a context model may also take as context (LigandMPNN's side-chain context; the caller
+        masks those of the residues being designed)."""
         attention_mask, residue_index, chain_index = self._defaults(coords, attention_mask, residue_index, chain_index)
         with_context = self.context_encoder is not None
         edge_states, neighbor_index, node_mask, edge_mask, *atoms = self.features(
             coords, attention_mask, residue_index, chain_index, return_atoms=with_context)
         node_states = self.initial_node_states(edge_states, residue_labels)
         if with_context:  # chosen before the encoder layers draw dropout, so training runs repeat exactly
+            side_chains = None if side_chain_coords is None else (side_chain_coords, side_chain_mask)
             selected = self.context_encoder.select(atoms[1], *self._context_defaults(
-                coords, context_coords, context_elements, context_mask))
+                coords, context_coords, context_elements, context_mask), neighbor_index, side_chains)
         for layer in self.encoder_layers:
             node_states, edge_states = layer(node_states, edge_states, neighbor_index, node_mask, edge_mask)
         if with_context:
@@ -512,10 +515,13 @@ class ProtMaskModel(ProtMaskPreTrainedModel):
         context_elements: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         residue_labels: torch.Tensor | None = None,
+        side_chain_coords: torch.Tensor | None = None,
+        side_chain_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> ProtMaskModelOutput:
         structure = self.encode_structure(coords, attention_mask, residue_index, chain_index, context_coords,
-                                          context_elements, context_mask, residue_labels)
+                                          context_elements, context_mask, residue_labels, side_chain_coords,
+                                          side_chain_mask)
         hidden, all_states = self.decode(input_ids, structure, bool(output_hidden_states), decoding_rank)
         return ProtMaskModelOutput(last_hidden_state=hidden, structure=structure, hidden_states=all_states)
 
@@ -550,6 +556,8 @@ class ProtMaskForMaskedLM(ProtMaskPreTrainedModel):
         context_elements: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         residue_labels: torch.Tensor | None = None,
+        side_chain_coords: torch.Tensor | None = None,
+        side_chain_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> MaskedLMOutput:
         r"""
@@ -563,11 +571,14 @@ class ProtMaskForMaskedLM(ProtMaskPreTrainedModel):
         context_coords (`(batch, atoms, 3)`), context_elements (`(batch, atoms)`, atomic numbers) and
         context_mask (`(batch, atoms)`): the non-protein heavy atoms, for models with `context_atoms`.
         residue_labels (`(batch, length)`): per-residue classes, for models with `residue_label_classes`.
+        side_chain_coords (`(batch, length, 31, 3)`) and side_chain_mask (`(batch, length, 31)`): side-chain
+        atoms that a model with `context_atoms` adds to each residue's context (those of designed residues masked).
         """
         outputs = self.protmask(input_ids, coords, attention_mask, residue_index, chain_index,
                                 output_hidden_states=output_hidden_states, decoding_rank=decoding_rank,
                                 context_coords=context_coords, context_elements=context_elements,
-                                context_mask=context_mask, residue_labels=residue_labels)
+                                context_mask=context_mask, residue_labels=residue_labels,
+                                side_chain_coords=side_chain_coords, side_chain_mask=side_chain_mask)
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
         if labels is not None:
