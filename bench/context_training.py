@@ -41,7 +41,11 @@ def evaluate(dataset: str, model: Path, output: Path) -> dict:
                            "--output", str(output)], capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"evaluation failed:\n{done.stderr[-3000:]}")
-    metrics = json.loads(output.read_text())
+    return summary(json.loads(output.read_text()))
+
+
+def summary(metrics: dict) -> dict:
+    """The figures kept of an evaluate JSON: whole-chain and per-site-class recovery."""
     return {"teacher_forced_accuracy": metrics["teacher_forced_accuracy"],
             "design_recovery_median": metrics["design_recovery_median"],
             "design_recovery_mean": metrics["design_recovery_mean"],
@@ -58,13 +62,13 @@ def converted_ligandmpnn(work: Path) -> Path:
     return folder
 
 
-def run(variant: str, seed: int, steps: int, dataset: str, work: Path) -> dict:
+def run(variant: str, seed: int, steps: int, dataset: str, work: Path, before: dict | None = None) -> dict:
     argv = VARIANTS[variant] + ["--max_train_steps", str(steps), "--seed", str(seed)]
     result = {"variant": variant, "seed": seed, "steps": steps}
     if variant == "finetune_ligandmpnn":
         start = converted_ligandmpnn(work)
         argv += ["--model_name_or_path", str(start)]
-        result["before"] = evaluate(dataset, start, work / "before.json")
+        result["before"] = before or evaluate(dataset, start, work / "before.json")
     output = work / f"{variant}-seed{seed}"
     result["train_seconds"] = train_protmask(dataset, argv, output)["train_seconds"]
     result["after" if variant == "finetune_ligandmpnn" else "test"] = evaluate(dataset, output / "final",
@@ -80,21 +84,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="from-scratch steps")
     parser.add_argument("--finetune_steps", type=int, default=40)
     parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "context_training.json"))
+    parser.add_argument("--cache_dir", default=None, help="the dataset build's cache (default: a temporary one); "
+                                                          "a build of the same files and options is reused")
+    parser.add_argument("--before", default=None,
+                        help="the converted model's evaluation on the same test split, to reuse for the fine-tuning's "
+                             "'before' (bench/results/ligandmpnn_evaluate.json holds it): it takes minutes")
+    parser.add_argument("--keep", action="store_true", help="keep the output's runs of other variants and seeds")
     args = parser.parse_args()
     from protmask.data.build import build_dataset
 
+    before = None
+    if args.before:
+        before = summary(json.loads(Path(args.before).read_text())["models"]["ligandmpnn_v_32_010_25"])
+    kept = json.loads(Path(args.output).read_text())["runs"] if args.keep and Path(args.output).is_file() else []
     with tempfile.TemporaryDirectory(prefix="protmask-bench-") as work:
         work = Path(work)
-        built = build_dataset(args.pdb_path, work / "cache", log=lambda *a: None)
+        built = build_dataset(args.pdb_path, args.cache_dir or work / "cache", log=lambda *a: None)
         runs = []
         for seed in args.seeds:
             for variant in args.variants:
                 steps = args.finetune_steps if variant == "finetune_ligandmpnn" else args.steps
-                runs.append(run(variant, seed, steps, str(built.path), work))
+                runs.append(run(variant, seed, steps, str(built.path), work, before))
                 print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+                done = {(r["variant"], r["seed"]) for r in runs}
+                every = [r for r in kept if (r["variant"], r["seed"]) not in done] + runs
                 emit({"benchmark": "context_training", "machine": machine(), "pdb_path": args.pdb_path,
                       "test_split": built.report["splits"]["test"],
-                      "variants": {v: " ".join(VARIANTS[v]) for v in args.variants}, "runs": runs}, args.output)
+                      "variants": {v: " ".join(VARIANTS[v]) for v in sorted({r["variant"] for r in every})},
+                      "runs": every}, args.output)
 
 
 if __name__ == "__main__":
