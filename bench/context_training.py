@@ -6,6 +6,8 @@ nucleotide sites (virtual CB within 8 Å of such an atom).
 
     python bench/context_training.py --steps 100      # both comparisons; the context model takes ~8 s a step on 2 cores
     python bench/context_training.py --variants scratch_context scratch_blind --steps 100 --seeds 0 1
+    python bench/context_training.py --variants finetune_ligandmpnn --finetune_steps 20 \
+        --before bench/results/ligandmpnn_evaluate.json --keep
 """
 
 from __future__ import annotations
