@@ -390,7 +390,8 @@ def _side_chain_coords(residues: list) -> np.ndarray:
         for column, name in enumerate(SIDE_CHAIN_ATOMS):
             if name in residue:
                 atom = atom_in_conformer(residue[name], conformer)
-                if atom.get_occupancy() is None or atom.get_occupancy() > 0:
+                occupancy = atom.get_occupancy()
+                if occupancy is None or occupancy > 0:
                     coords[row, column] = atom.get_coord()
     return coords
 

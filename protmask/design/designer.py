@@ -103,8 +103,9 @@ def design_sequences(model, processor, pdb, chains=None, fix=None, fill=None, nu
     ``chains`` picks the chains to design (default all; the others stay visible as context). ``fix`` keeps
     native residues (``"A1-10,A45"``). ``fill`` is a sequence for the designed chains (joined with "/",
     or without separators) where ``_`` marks the positions to fill. ``controls`` are the other fields of
-    `DesignOptions`: ``tie``, ``homo_oligomer``, ``omit_aa``, ``bias_aa``, ``bias``, ``omit``, ``side_chain_context``. Residues
-    without a complete backbone cannot be designed and keep their native letter unless tied to one that can.
+    `DesignOptions`: ``tie``, ``homo_oligomer``, ``omit_aa``, ``bias_aa``, ``bias``, ``omit``,
+    ``side_chain_context``. Residues without a complete backbone cannot be designed and keep their native
+    letter unless tied to one that can.
     ``decoding`` is ``mask_predict`` (``rounds`` rounds) or ``autoregressive``. Deterministic for a seed.
     """
     if isinstance(pdb, (str, Path)):  # a context model reads the file's other atoms (and side chains if asked)
