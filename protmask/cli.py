@@ -653,7 +653,9 @@ def evaluate_command(argv) -> int:
     import json
 
     from .data.build import DatasetBuildError
-    from .evaluation import EVALUATE_MAX_LENGTH, SITE_CUTOFF, evaluate, examples_from, format_table
+    from .evaluation import EVALUATE_MAX_LENGTH, evaluate, examples_from, format_table, unreadable_sources
+    from .metrics import SIDE_CHAIN_SITE_CUTOFF, SITE_CUTOFF
+    from .structure import StructureError
     from .training.arguments import non_negative_int, positive_int
 
     parser = argparse.ArgumentParser(
@@ -662,7 +664,7 @@ def evaluate_command(argv) -> int:
                     "training mask ratio (fixed seeded masks); ProteinMPNN's teacher-forced accuracy and perplexity "
                     "(every residue, in a seeded random order); recovery of full designs from structure alone "
                     "(--decoding), by chain length and at binding sites of small molecules, metals and nucleotides "
-                    f"(virtual CB within {SITE_CUTOFF:g} Å of such an atom); random and most-frequent-residue baselines.")
+                    "(--site_definition); random and most-frequent-residue baselines.")
     parser.add_argument("--model", required=True, help="a save_pretrained folder or hub id")
     parser.add_argument("--pdb_path", required=True,
                         help="structure folder, file or list file, or a built dataset (see --split)")
@@ -679,6 +681,13 @@ def evaluate_command(argv) -> int:
                              "objective, autoregressive is ProteinMPNN's decoding (use it for converted weights)")
     parser.add_argument("--rounds", type=positive_int, default=10, help="mask-predict rounds for the designs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fixed masks and decoding orders")
+    parser.add_argument("--site_definition", choices=("side_chain", "virtual_cb"), default="side_chain",
+                        help="when a residue is at a binding site of a class: side_chain, the LigandMPNN paper's rule "
+                             f"(a side-chain heavy atom, CB included, within {SIDE_CHAIN_SITE_CUTOFF:g} Å of a "
+                             "non-protein heavy atom of the class; glycine never; read from the structure files, also "
+                             "for a built dataset, whose sources must be in place), reported with virtual_cb beside it; "
+                             f"or virtual_cb alone, LigandMPNN run.py's (virtual CB within {SITE_CUTOFF:g} Å; the "
+                             "dataset suffices)")
     parser.add_argument("--output", default=None, help="write the metrics as JSON here")
     parser.add_argument("--device", default=None)
     add_context_arguments(parser)
@@ -696,12 +705,24 @@ def evaluate_command(argv) -> int:
     if not examples:
         print(f"protmask evaluate: error: no usable structure in {args.pdb_path}", file=sys.stderr)
         return 2
+    if args.site_definition == "side_chain" and (missing := unreadable_sources(examples)):
+        listed = "; ".join(f"{name} ({source or 'no source recorded'})" for name, source in missing[:3])
+        print(f"protmask evaluate: error: --site_definition side_chain reads side chains from the structure files "
+              f"{args.pdb_path} was built from, and {len(missing)} of those with non-protein atoms are not there: "
+              f"{listed}{' ...' if len(missing) > 3 else ''}. Put them back where the build read them, or pass "
+              "--site_definition virtual_cb (needs the dataset only)", file=sys.stderr)
+        return 2
     loaded = load_model_for("evaluate", args)
     if loaded is None:
         return 2
     model, processor = loaded
-    metrics = evaluate(model, processor, examples, max_tokens=args.max_tokens, rounds=args.rounds, seed=args.seed,
-                       max_length=args.max_length or None, decoding=args.decoding, use_context=choice.enabled)
+    try:
+        metrics = evaluate(model, processor, examples, max_tokens=args.max_tokens, rounds=args.rounds,
+                           seed=args.seed, max_length=args.max_length or None, decoding=args.decoding,
+                           use_context=choice.enabled, site_definition=args.site_definition)
+    except StructureError as error:  # a source changed since the build, seen when its side chains are read
+        print(f"protmask evaluate: error: {error}", file=sys.stderr)
+        return 2
     metrics["files_failed"] = failed
     metrics["model"] = str(args.model)
     metrics["pdb_path"] = str(args.pdb_path)

@@ -11,7 +11,7 @@ import torch
 from .data.collator import ATOM_COLUMNS, RESIDUE_COLUMNS, Example, ProtMaskProcessor, to_example
 from .design.decoding import decode
 from .design.scoring import CONTEXT, ranked_log_probs
-from .metrics import IGNORE_INDEX, SITE_CUTOFF, MaskedLMStats, binding_sites
+from .metrics import IGNORE_INDEX, SITE_CLASSES, SITE_DEFINITIONS, MaskedLMStats, binding_sites, side_chain_sites
 from .residues import has_backbone
 from .structure import ATOM_CLASSES, StructureError, parse_entry
 
@@ -30,7 +30,9 @@ class SplitExamples:
     split is never held in memory at once."""
 
     def __init__(self, splits, with_atoms: bool = True):
-        columns = RESIDUE_COLUMNS + (ATOM_COLUMNS if with_atoms else ())
+        columns = RESIDUE_COLUMNS + ("source",) + (ATOM_COLUMNS if with_atoms else ())
+        self.atoms_and_sources = [split.select_columns([c for c in ("name", "source", "num_atoms")
+                                                        if c in split.column_names]) for split in splits]
         self.splits = [split.select_columns([c for c in columns if c in split.column_names]).with_format("numpy")
                        for split in splits]
         self.offsets = np.cumsum([0] + [len(split) for split in self.splits])
@@ -42,6 +44,46 @@ class SplitExamples:
     def __getitem__(self, index: int) -> Example:
         part = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return to_example(self.splits[part][int(index - self.offsets[part])])
+
+    def sources_with_atoms(self) -> list[tuple[str, str]]:
+        """(name, source file) of every example with non-protein atoms, from three columns (not the rows)."""
+        found = []
+        for split in self.atoms_and_sources:
+            if "num_atoms" not in split.column_names:
+                continue
+            names, sources = split["name"], split["source"] if "source" in split.column_names else None
+            for i in np.flatnonzero(np.asarray(split["num_atoms"]) > 0).tolist():
+                found.append((names[i], sources[i] if sources is not None else ""))
+        return found
+
+
+def unreadable_sources(examples) -> list[tuple[str, str]]:
+    """(name, source) of the examples with non-protein atoms whose structure file is not there: the paper's
+    site rule re-reads their side chains (a built dataset keeps backbones only)."""
+    pairs = (examples.sources_with_atoms() if isinstance(examples, SplitExamples) else
+             [(e.name, e.source) for e in examples if e.atoms is not None and len(e.atoms)])
+    return [(name, source) for name, source in pairs if not source or not Path(source).is_file()]
+
+
+def side_chain_site_classes(example: Example) -> np.ndarray:
+    """``[L, 3]`` bool: the LigandMPNN paper's binding sites of the example's residues among its atoms
+    (`metrics.side_chain_sites`), with side chains read from its structure file (``example.source``).
+    Raises `StructureError` when the file no longer holds the example's chains as they were built."""
+    sites = np.zeros((len(example), len(SITE_CLASSES)), dtype=bool)
+    if example.atoms is None or len(example.atoms) == 0:
+        return sites
+    chains = {chain.chain_id: chain for chain in parse_entry(example.source, side_chains=True).chains}
+    start = 0
+    for chain_id, length in zip(example.chain_ids, example.chain_lengths):
+        chain, end = chains.get(chain_id), start + length
+        if (chain is None or chain.sequence != example.sequence[start:end]
+                or not np.array_equal(chain.residue_numbers, example.residue_numbers[start:end])):
+            raise StructureError(example.source, f"chain {chain_id} is not the one in the dataset (the file changed "
+                                                 "since the build): rebuild, or pass --site_definition virtual_cb")
+        side_chain = np.concatenate([chain.cb[:, None], chain.side_chains], axis=1)
+        sites[start:end] = side_chain_sites(side_chain, example.atoms.coords, example.atoms.classes)
+        start = end
+    return sites
 
 
 def examples_from(pdb_path, split: str | None = None, min_length: int = 20, backbone: str = "full", context=None):
@@ -84,11 +126,19 @@ def examples_from(pdb_path, split: str | None = None, min_length: int = 20, back
 @torch.no_grad()
 def evaluate(model, processor: ProtMaskProcessor, examples, max_tokens: int = 4000,
              rounds: int = 10, seed: int = 0, max_length: int | None = EVALUATE_MAX_LENGTH, progress=None,
-             decoding: str = "mask_predict", use_context: bool = True) -> dict:
+             decoding: str = "mask_predict", use_context: bool = True, site_definition: str = "side_chain") -> dict:
     """Masked, autoregressive teacher-forced and design metrics over ``examples``, with baselines on the
     same chains. ``decoding`` is how the designs are made (greedy): ``mask_predict`` or ``autoregressive``.
-    ``examples``: a list of examples or `SplitExamples`; longer ones are cropped to ``max_length`` (None: not)."""
+    ``examples``: a list of examples or `SplitExamples`; longer ones are cropped to ``max_length`` (None: not).
+    ``site_definition``: a key of `metrics.SITE_DEFINITIONS`; with ``side_chain`` (the paper's rule) the sites
+    by ``virtual_cb`` are reported too."""
     from .data.sampler import LengthBucketBatchSampler
+
+    if site_definition not in SITE_DEFINITIONS:
+        raise ValueError(f"site_definition {site_definition!r}: one of {', '.join(SITE_DEFINITIONS)}")
+    if site_definition == "side_chain" and (missing := unreadable_sources(examples)):
+        raise StructureError(missing[0][1] or missing[0][0], f"the paper's site rule reads side chains from the "
+                             f"structure files, and {len(missing)} are not there: restore them, or use virtual_cb")
 
     device = next(model.parameters()).device
     # Every batch carries the atoms (binding sites are measured for any model); a context model reads them
@@ -110,7 +160,7 @@ def evaluate(model, processor: ProtMaskProcessor, examples, max_tokens: int = 40
     ordered_count = 0
     generator = torch.Generator().manual_seed(seed)
     for batch_indices in sampler.batches():
-        chunk = [examples[i] for i in batch_indices]
+        chunk = [examples[i] for i in batch_indices]  # each example is read once a batch
         teacher = processor(chunk, mask=True, seeds=[(seed, i) for i in batch_indices])
         teacher = {k: v.to(device) for k, v in teacher.items()}
         logits = model(**model_keys(teacher)).logits
@@ -119,8 +169,10 @@ def evaluate(model, processor: ProtMaskProcessor, examples, max_tokens: int = 40
 
         full = processor(chunk, seeds=[(seed, i) for i in batch_indices])
         full = {k: v.to(device) for k, v in full.items()}
-        sites = binding_sites(full)  # [B, L, classes], before the model's view drops the atoms
+        sites = {"virtual_cb": binding_sites(full)}  # [B, L, classes], before the model's view drops the atoms
         positions = full.pop("positions")
+        if site_definition == "side_chain":
+            sites["side_chain"] = _at_positions([side_chain_site_classes(e) for e in chunk], positions)
         full = model_keys(full)
         scorable = torch.isin(full["input_ids"], allowed)
         designable = scorable & has_backbone(full["coords"], model.config.backbone) & (full["attention_mask"] > 0)
@@ -142,12 +194,16 @@ def evaluate(model, processor: ProtMaskProcessor, examples, max_tokens: int = 40
                 count = int(where.sum())
                 if count == 0:
                     continue
-                chain_rows.append({"example": examples[index].name, "chain": examples[index].chain_ids[chain]
-                                   if chain < len(examples[index].chain_ids) else str(chain),
-                                   "length": count, "recovery": float(hits[b][where].sum()) / count,
-                                   "native": full["input_ids"][b][where].tolist(),
-                                   **residue_detail(examples[index], positions[b][where], full["input_ids"][b][where],
-                                                    tokens[b][where], sites[b][where], processor.tokenizer)})
+                example = chunk[b]
+                row = {"example": example.name,
+                       "chain": example.chain_ids[chain] if chain < len(example.chain_ids) else str(chain),
+                       "length": count, "recovery": float(hits[b][where].sum()) / count,
+                       "native": full["input_ids"][b][where].tolist(),
+                       **residue_detail(example, positions[b][where], full["input_ids"][b][where], tokens[b][where],
+                                        sites[site_definition][b][where], processor.tokenizer)}
+                if site_definition != "virtual_cb":
+                    row["site_classes_virtual_cb"] = site_indices(sites["virtual_cb"][b][where])
+                chain_rows.append(row)
         if progress:
             progress(len(chain_rows))
 
@@ -193,7 +249,9 @@ def evaluate(model, processor: ProtMaskProcessor, examples, max_tokens: int = 40
             },
         },
         "design_recovery_at_sites": site_recovery(chain_rows),
-        "site_definition": f"virtual CB within {SITE_CUTOFF:g} Å of a non-protein heavy atom of the class",
+        "site_definition": SITE_DEFINITIONS[site_definition],
+        **({"design_recovery_at_sites_virtual_cb": site_recovery(chain_rows, "site_classes_virtual_cb"),
+            "site_definition_virtual_cb": SITE_DEFINITIONS["virtual_cb"]} if site_definition != "virtual_cb" else {}),
         "chains": [{k: v for k, v in row.items() if k != "native"} for row in chain_rows],
     }
 
@@ -206,17 +264,30 @@ def residue_detail(example: Example, positions, native, designed, sites, tokeniz
     return {"residues": [f"{example.chain_ids[c]}{n}" for c, n in zip(chain_of.tolist(), numbers.tolist())],
             "native_letters": "".join(tokenizer.convert_ids_to_tokens(native.tolist())),
             "designed_letters": "".join(tokenizer.convert_ids_to_tokens(designed.tolist())),
-            "site_classes": {name: sites[:, i].nonzero().flatten().tolist() for i, name in enumerate(ATOM_CLASSES)
-                             if sites[:, i].any()}}
+            "site_classes": site_indices(sites)}
 
 
-def site_recovery(chain_rows) -> dict:
+def site_indices(sites: torch.Tensor) -> dict:
+    """A row's ``[n, classes]`` site flags as {class: the row's indices at such a site}, classes with any."""
+    return {name: sites[:, i].nonzero().flatten().tolist() for i, name in enumerate(ATOM_CLASSES) if sites[:, i].any()}
+
+
+def _at_positions(per_example: list, positions: torch.Tensor) -> torch.Tensor:
+    """``[B, W, classes]``: each example's per-residue flags at the batch's columns (-1: padding, False)."""
+    out = torch.zeros(*positions.shape, len(SITE_CLASSES), dtype=torch.bool, device=positions.device)
+    for b, flags in enumerate(per_example):
+        valid = positions[b] >= 0
+        out[b, valid] = torch.from_numpy(flags[positions[b][valid].cpu().numpy()]).to(out.device)
+    return out
+
+
+def site_recovery(chain_rows, key: str = "site_classes") -> dict:
     """Per class: design recovery over its site residues (pooled), and per chain with sites (median, mean)."""
     out = {}
     for name in ATOM_CLASSES:
         per_chain, right, total = [], 0, 0
         for row in chain_rows:
-            where = row["site_classes"].get(name, [])
+            where = row[key].get(name, [])
             if not where:
                 continue
             hits = sum(row["native_letters"][i] == row["designed_letters"][i] for i in where)
@@ -272,7 +343,9 @@ def format_table(metrics: dict) -> str:
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
+    if any(site["num_residues"] for site in metrics.get("design_recovery_at_sites", {}).values()):
+        lines.append(f"sites: {metrics['site_definition']}")
     return "\n".join(lines)
 
 
-__all__ = ["evaluate", "examples_from", "format_table"]
+__all__ = ["evaluate", "examples_from", "format_table", "side_chain_site_classes", "unreadable_sources"]

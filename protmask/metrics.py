@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -95,11 +96,42 @@ def summarize(sums) -> dict:
     }
 
 
-#: A residue is at a binding site of a class (small molecule, metal, nucleotide) when its virtual CB lies within
-#: this distance (Å) of an atom of that class: LigandMPNN's own site definition (its run.py's
-#: --ligand_mpnn_cutoff_for_score, the residues its ligand confidence is computed over).
+#: Two rules say when a residue is at a binding site of a class (small molecule, metal, nucleotide). The
+#: LigandMPNN paper's (its sequence-recovery figures): a heavy atom of the residue's side chain, CB included,
+#: lies within SIDE_CHAIN_SITE_CUTOFF (Å) of a non-protein heavy atom of the class; glycine is never a site.
+#: LigandMPNN run.py's (the residues its ligand confidence is computed over, --ligand_mpnn_cutoff_for_score):
+#: the virtual CB lies within SITE_CUTOFF; it needs the backbone only, so training's validation uses it.
+SIDE_CHAIN_SITE_CUTOFF = 5.0
 SITE_CUTOFF = 8.0
 SITE_CLASSES = ("small_molecule", "metal", "nucleotide")  # structure.ATOM_CLASSES, by index
+SITE_DEFINITIONS = {
+    "side_chain": f"a side-chain heavy atom (CB included) within {SIDE_CHAIN_SITE_CUTOFF:g} Å of a non-protein "
+                  "heavy atom of the class (the LigandMPNN paper's rule)",
+    "virtual_cb": f"virtual CB within {SITE_CUTOFF:g} Å of a non-protein heavy atom of the class (LigandMPNN "
+                  "run.py's --ligand_mpnn_cutoff_for_score)",
+}
+
+
+def side_chain_sites(side_chain_atoms: np.ndarray, atom_coords: np.ndarray, atom_classes: np.ndarray) -> np.ndarray:
+    """``[L, 3]`` bool, the paper's rule: some atom of the residue's side chain (``side_chain_atoms``
+    ``[L, K, 3]``, NaN where absent) lies within `SIDE_CHAIN_SITE_CUTOFF` of an atom (``atom_coords``
+    ``[M, 3]``) of each class (``atom_classes`` ``[M]``, indices into `SITE_CLASSES`)."""
+    length = side_chain_atoms.shape[0]
+    sites = np.zeros((length, len(SITE_CLASSES)), dtype=bool)
+    points = side_chain_atoms.reshape(-1, 3)
+    present = np.flatnonzero(np.isfinite(points).all(-1))
+    if len(present) == 0 or len(atom_coords) == 0:
+        return sites
+    owner = present // side_chain_atoms.shape[1]
+    atoms = torch.from_numpy(np.asarray(atom_coords, dtype=np.float32))
+    classes = torch.from_numpy(np.asarray(atom_classes, dtype=np.int64))
+    rows = max(1, 2**24 // len(atoms))  # bounded memory on a ribosome's worth of atoms
+    for start in range(0, len(present), rows):
+        near = torch.cdist(torch.from_numpy(points[present[start:start + rows]]), atoms) < SIDE_CHAIN_SITE_CUTOFF
+        for c in range(len(SITE_CLASSES)):
+            hit = (near & (classes == c)[None, :]).any(-1).numpy()
+            sites[owner[start:start + rows][hit], c] = True
+    return sites
 
 
 def binding_sites(batch: dict) -> torch.Tensor:

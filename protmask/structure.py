@@ -66,6 +66,9 @@ class ProteinChain:
     #: float32 ``[L, 31, 3]``: the side-chain atoms beyond CB (`SIDE_CHAIN_ATOMS`), NaN where absent; read
     #: only when asked for (``parse_entry(..., side_chains=True)``), for LigandMPNN's side-chain context.
     side_chains: np.ndarray | None = None
+    #: float32 ``[L, 3]``: the deposited CB (NaN where absent, as for glycine), read with ``side_chains``: with
+    #: them, the whole side chain (the LigandMPNN paper's binding sites are defined on it).
+    cb: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.sequence)
@@ -380,14 +383,15 @@ def _protein_chain(residues: list, chain_id: str, method, resolution, path: Path
                         residue_numbers=np.asarray(numbers, dtype=np.int32), insertion_codes="".join(icodes),
                         method=method, resolution=resolution, source=os.fspath(path),
                         notes=[f"mapped to X: {' '.join(sorted(unknown_names))}"] if unknown_names else [],
-                        side_chains=_side_chain_coords(residues) if side_chains else None)
+                        side_chains=_named_atom_coords(residues, SIDE_CHAIN_ATOMS) if side_chains else None,
+                        cb=_named_atom_coords(residues, ("CB",))[:, 0] if side_chains else None)
 
 
-def _side_chain_coords(residues: list) -> np.ndarray:
-    """``[L, 31, 3]`` side-chain atoms of each residue in its conformer, NaN where absent or of zero occupancy."""
-    coords = np.full((len(residues), len(SIDE_CHAIN_ATOMS), 3), np.nan, dtype=np.float32)
+def _named_atom_coords(residues: list, names) -> np.ndarray:
+    """``[L, len(names), 3]``: these atoms of each residue in its conformer, NaN where absent or of zero occupancy."""
+    coords = np.full((len(residues), len(names), 3), np.nan, dtype=np.float32)
     for row, (residue, conformer, _) in enumerate(residues):
-        for column, name in enumerate(SIDE_CHAIN_ATOMS):
+        for column, name in enumerate(names):
             if name in residue:
                 atom = atom_in_conformer(residue[name], conformer)
                 occupancy = atom.get_occupancy()

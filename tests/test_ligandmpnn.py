@@ -304,42 +304,86 @@ def test_design_context_off_is_the_structure_without_its_atoms(ligand_folder, sa
     assert wrong.returncode != 0 and "--context_residues ATP: not among" in wrong.stderr and "HEM A301" in wrong.stderr
 
 
+def side_chain_sites_from_text(lines, xyz, cutoff=5.0) -> set:
+    """The paper's rule computed from the ATOM records themselves: residues with a heavy side-chain atom (any
+    name but N, CA, C, O, OXT; CB included) within ``cutoff`` of ``xyz``."""
+    found = set()
+    for line in lines:
+        if line.startswith("ATOM") and line[12:16].strip() not in ("N", "CA", "C", "O", "OXT") \
+                and line[76:78].strip() != "H":
+            atom = np.array([float(line[30:38]), float(line[38:46]), float(line[46:54])])
+            if np.linalg.norm(atom - xyz) < cutoff:
+                found.add(f"{line[21]}{int(line[22:26])}")
+    return found
+
+
 def test_evaluate_reports_recovery_at_known_binding_sites(ligand_folder, sample_dir, tmp_path):
-    """A zinc finger with crafted atoms: a zinc ion, a glycerol carbon and a DNA phosphorus, each 4 Å out from
-    one residue's virtual CB; the site residues of each class are those whose CB is within 8 Å of it."""
+    """A zinc finger with crafted atoms: a zinc ion, two small-molecule atoms and a DNA phosphorus, each out
+    from one residue's virtual CB (a glycine's and an alanine's among them). By the paper's rule (the default) the sites of a
+    class are the residues with a side-chain heavy atom within 5 Å of one of its atoms, computed here from the
+    ATOM records, so never the glycine; by run.py's, reported beside it, those whose virtual CB is within 8 Å.
+    A built dataset reads its side chains from the source files, and says what to do when they are gone."""
+    from protmask.data.build import build_dataset
     from protmask.models.modeling_protmask import BackboneFeatures
 
     lines = [line for line in pdb_lines(sample_dir / "5a7u.pdb.gz") if line.startswith("ATOM")]
     chain = parse_entry(sample_dir / "5a7u.pdb.gz").chains[0]
     cb = BackboneFeatures.atoms(torch.from_numpy(np.nan_to_num(chain.coords)))[:, 4].numpy()
     ca = chain.coords[:, 1]
-    placed = {}
-    for serial, (row, name, residue, element, kind) in enumerate(
-            [(4, "ZN", "ZN", "ZN", "metal"), (14, "C1", "GOL", "C", "small_molecule"), (22, "P", "DA", "P", "nucleotide")]):
+    glycine, alanine = chain.sequence.index("G"), chain.sequence.index("A")  # no side chain; CB only
+    by_side_chain, by_cb = {}, {}
+    for serial, (row, name, residue, element, kind, out) in enumerate(
+            [(4, "ZN", "ZN", "ZN", "metal", 4.0), (14, "C1", "GOL", "C", "small_molecule", 4.0),
+             (glycine, "C1", "EDO", "C", "small_molecule", 2.5), (alanine, "P", "DA", "P", "nucleotide", 4.0)]):
         direction = (cb[row] - ca[row]) / np.linalg.norm(cb[row] - ca[row])
-        xyz = cb[row] + 4.0 * direction
+        xyz = np.round(cb[row] + out * direction, 3)
         lines.append(hetatm(9000 + serial, name, residue, "C" if kind == "nucleotide" else "A", 900 + serial, element, xyz))
         near = np.flatnonzero(np.isfinite(chain.coords).all((1, 2)) & (np.linalg.norm(cb - xyz, axis=1) < 8.0))
-        placed[kind] = {f"{chain.chain_id}{n}" for n in chain.residue_numbers[near].tolist()}
-        assert f"{chain.chain_id}{chain.residue_numbers[row]}" in placed[kind]
+        by_cb.setdefault(kind, set()).update(f"{chain.chain_id}{n}" for n in chain.residue_numbers[near].tolist())
+        by_side_chain.setdefault(kind, set()).update(side_chain_sites_from_text(lines, xyz))
+    label = lambda row: f"{chain.chain_id}{chain.residue_numbers[row]}"  # noqa: E731
+    assert label(glycine) in by_cb["small_molecule"] and label(glycine) not in by_side_chain["small_molecule"]
+    assert label(alanine) in by_side_chain["nucleotide"]
+    assert all(by_side_chain.values()) and by_side_chain != by_cb
     crafted = tmp_path / "sites" / "crafted.pdb"
     crafted.parent.mkdir()
     crafted.write_text("".join(lines) + "END\n")
-    results = {}
-    for context in ("on", "off"):
-        done = protmask_cli("evaluate", "--model", ligand_folder, "--pdb_path", crafted.parent, "--decoding",
-                            "autoregressive", "--context", context, "--output", tmp_path / f"{context}.json")
+    built = build_dataset(crafted.parent, tmp_path / "cache", num_proc=1, log=lambda *a: None).path
+
+    def evaluate(name, *flags, pdb_path=crafted.parent):
+        done = protmask_cli("evaluate", "--model", ligand_folder, "--pdb_path", pdb_path, "--decoding",
+                            "autoregressive", *flags, "--output", tmp_path / f"{name}.json")
         assert done.returncode == 0, done.stderr
-        results[context] = json.loads((tmp_path / f"{context}.json").read_text())
-    for metrics in results.values():
+        return json.loads((tmp_path / f"{name}.json").read_text())
+
+    def assert_sites(metrics, key, expected):
         row = metrics["chains"][0]
-        for kind, expected in placed.items():
-            assert {row["residues"][i] for i in row["site_classes"][kind]} == expected, kind
-            site = metrics["design_recovery_at_sites"][kind]
-            hits = sum(row["native_letters"][i] == row["designed_letters"][i] for i in row["site_classes"][kind])
-            assert site["num_residues"] == len(expected) and site["recovery"] == pytest.approx(hits / len(expected))
+        for kind, residues in expected.items():
+            assert {row["residues"][i] for i in row[key][kind]} == residues, (key, kind)
+        summary = metrics["design_recovery_at_sites" + key[len("site_classes"):]]
+        for kind, residues in expected.items():
+            hits = sum(row["native_letters"][i] == row["designed_letters"][i] for i in row[key][kind])
+            assert summary[kind]["num_residues"] == len(residues)
+            assert summary[kind]["recovery"] == pytest.approx(hits / len(residues))
+
+    results = {"on": evaluate("on"), "off": evaluate("off", "--context", "off"), "dataset": evaluate(
+        "dataset", pdb_path=built)}
+    for metrics in results.values():
+        assert "paper" in metrics["site_definition"]
+        assert_sites(metrics, "site_classes", by_side_chain)
+        assert_sites(metrics, "site_classes_virtual_cb", by_cb)
+        row = metrics["chains"][0]
         assert len(row["native_letters"]) == len(row["designed_letters"]) == len(row["residues"]) == row["length"]
     assert results["on"]["chains"][0]["designed_letters"] != results["off"]["chains"][0]["designed_letters"]
+    assert results["dataset"]["chains"][0]["designed_letters"] == results["on"]["chains"][0]["designed_letters"]
+    cb_only = evaluate("cb", "--site_definition", "virtual_cb")
+    assert_sites(cb_only, "site_classes", by_cb)
+    assert "design_recovery_at_sites_virtual_cb" not in cb_only and "run.py" in cb_only["site_definition"]
+
+    crafted.rename(tmp_path / "moved.pdb")  # the dataset still works for run.py's rule, and says so
+    gone = protmask_cli("evaluate", "--model", ligand_folder, "--pdb_path", built)
+    assert gone.returncode == 2 and str(crafted) in gone.stderr and "--site_definition virtual_cb" in gone.stderr
+    assert_sites(evaluate("moved", "--site_definition", "virtual_cb", pdb_path=built), "site_classes", by_cb)
 
 
 def test_a_context_model_trains_from_scratch_on_two_ranks_and_resumes_exactly(cache, tmp_path):

@@ -46,6 +46,7 @@ class Example:
     atoms: ContextAtoms | None = None  # the entry's other heavy atoms, when the source carries them
     residue_labels: np.ndarray | None = None  # int [L]: a class per residue, for models with residue labels
     side_chains: np.ndarray | None = None  # float32 [L, 31, 3], NaN where absent: side-chain context atoms
+    source: str = ""  # the structure file it was read from, when known (evaluate re-reads its side chains)
 
     def __len__(self) -> int:
         return len(self.sequence)
@@ -73,6 +74,7 @@ def to_example(item: Any) -> Example:
             residue_numbers=np.concatenate([c.residue_numbers for c in item]),
             side_chains=(np.concatenate([c.side_chains for c in item])
                          if all(c.side_chains is not None for c in item) else None),
+            source=str(item[0].source or ""),
         )
     if isinstance(item, Mapping):
         sequence = str(item["sequence"])
@@ -81,7 +83,8 @@ def to_example(item: Any) -> Example:
         chain_ids = [str(x) for x in item.get("chain_ids", [chr(65 + i) for i in range(len(lengths))])]
         numbers = item.get("residue_numbers")
         numbers = np.arange(1, len(sequence) + 1) if numbers is None else np.asarray(numbers)
-        return Example(str(item.get("name", "")), sequence, coords, chain_ids, lengths, numbers, row_atoms(item))
+        return Example(str(item.get("name", "")), sequence, coords, chain_ids, lengths, numbers, row_atoms(item),
+                       source=str(item.get("source") or ""))
     raise TypeError(
         f"cannot make a model input from {type(item).__name__}; give a ProteinChain, a list of ProteinChain "
         "(one complex) or a dataset row"
@@ -164,6 +167,7 @@ def crop(example: Example, max_length: int, rng: np.random.Generator) -> tuple[E
         residue_numbers=example.residue_numbers[keep],
         atoms=None if example.atoms is None else atoms_near(example.atoms, example.coords[keep]),
         residue_labels=_rows(example.residue_labels, keep), side_chains=_rows(example.side_chains, keep),
+        source=example.source,
     )
     return cropped, keep
 
@@ -180,7 +184,8 @@ def permute_chains(example: Example, order: Sequence[int]) -> Example:
                    coords=example.coords[index], chain_ids=[example.chain_ids[c] for c in order],
                    chain_lengths=[example.chain_lengths[c] for c in order],
                    residue_numbers=example.residue_numbers[index], atoms=example.atoms,
-                   residue_labels=_rows(example.residue_labels, index), side_chains=_rows(example.side_chains, index))
+                   residue_labels=_rows(example.residue_labels, index), side_chains=_rows(example.side_chains, index),
+                   source=example.source)
 
 
 def mask_chains(
