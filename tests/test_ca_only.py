@@ -77,10 +77,14 @@ def test_ca_only_conversion_equals_proteinmpnns_ca_model(name, sample_dir, edge_
         rank = torch.full(batch["input_ids"].shape, 2 * batch["input_ids"].shape[1])
         rank[0, order[0]] = torch.arange(length)
         with torch.no_grad():
-            expected = reference(X=torch.nan_to_num(ca, 0.0), S=letters, mask=mask, chain_M=torch.ones_like(mask),
-                                 residue_idx=batch["residue_index"][:, :length],
-                                 chain_encoding_all=batch["chain_index"][:, :length] + 1, randn=torch.zeros_like(mask),
-                                 use_input_decoding_order=True, decoding_order=order)
+            # The wheel's CA model, on two threads, now and then computes different neighbour distances on its
+            # first forward in a process (seen in about 1 in 12 fresh processes on 5VET, never on a repeat, and
+            # protmask's model gave the same output every time): the second forward is the reference.
+            for _ in range(2):
+                expected = reference(X=torch.nan_to_num(ca, 0.0), S=letters, mask=mask, chain_M=torch.ones_like(mask),
+                                     residue_idx=batch["residue_index"][:, :length],
+                                     chain_encoding_all=batch["chain_index"][:, :length] + 1,
+                                     randn=torch.zeros_like(mask), use_input_decoding_order=True, decoding_order=order)
             got = ours(**batch, decoding_rank=rank).logits[:, :length][..., columns].log_softmax(-1)
         valid = mask.bool()
         assert (got - expected)[valid].abs().max().item() < 1e-4, path.name
