@@ -64,6 +64,15 @@ def spawn(script: str, *arguments, env: dict | None = None) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def protmask(*arguments) -> subprocess.CompletedProcess:
+    """One `protmask` command of this environment, run from the repository; its failure ends the benchmark."""
+    done = subprocess.run([str(Path(sys.executable).parent / "protmask"), *map(str, arguments)],
+                          capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"protmask {arguments[0]} failed:\n{done.stderr[-3000:]}")
+    return done
+
+
 def find_reference(path: str | None) -> Path | str | None:
     if not path:
         return None

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, default_pdb_path, emit, machine, train_protmask
+from common import ROOT, default_pdb_path, emit, machine, protmask, train_protmask
 
 #: The from-scratch pair: ProteinMPNN's recipe and objective at the recipe benchmark's size (hidden 64, 16
 #: neighbours, 2 + 2 layers, 2000-residue batches, crop 300), the one difference being the context atoms.
@@ -39,11 +38,8 @@ VARIANTS = {
 
 
 def evaluate(dataset: str, model: Path, output: Path) -> dict:
-    done = subprocess.run([str(Path(sys.executable).parent / "protmask"), "evaluate", "--model", str(model),
-                           "--pdb_path", dataset, "--split", "test", "--decoding", "autoregressive",
-                           "--output", str(output)], capture_output=True, text=True, cwd=ROOT)
-    if done.returncode != 0:
-        raise SystemExit(f"evaluation failed:\n{done.stderr[-3000:]}")
+    protmask("evaluate", "--model", model, "--pdb_path", dataset, "--split", "test", "--decoding", "autoregressive",
+             "--output", output)
     return summary(json.loads(output.read_text()))
 
 

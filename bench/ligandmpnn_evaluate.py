@@ -11,25 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, default_pdb_path, emit, machine
+from common import ROOT, default_pdb_path, emit, machine, protmask
 
 COMMAND = ["evaluate", "--split", "test", "--decoding", "autoregressive"]
 MODELS = {"ligandmpnn_v_32_010_25": ("convert-ligandmpnn", "ligandmpnn_v_32_010_25"),
           "proteinmpnn_v_48_020": ("convert-proteinmpnn", "vanilla/v_48_020")}
-
-
-def protmask(*arguments) -> subprocess.CompletedProcess:
-    done = subprocess.run([str(Path(sys.executable).parent / "protmask"), *map(str, arguments)],
-                          capture_output=True, text=True, cwd=ROOT)
-    if done.returncode != 0:
-        raise SystemExit(f"protmask {arguments[0]} failed:\n{done.stderr[-3000:]}")
-    return done
 
 
 def main() -> None:
